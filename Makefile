@@ -1,0 +1,34 @@
+# Every target sets up what it needs in a virtual environment (.venv by default).
+# TORCH_SPEC picks the torch build: the default is the CPU wheel that this kind of machine
+# carries on disk; on a GPU machine use e.g. `make test TORCH_SPEC=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test,plot,dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check laplacefim tests examples benchmarks
+	$(BIN)/mypy
+
+bench:
+	bash benchmarks/setup_bench_env.sh
+	.venv-bench/bin/python benchmarks/fit.py
+
+clean:
+	rm -rf $(VENV) .venv-bench
