@@ -65,10 +65,14 @@ def main() -> None:
     model = make_mlp()
     start = time.perf_counter()
     train(model, train_loader)
-    print(f"trained MLP 64-256-256-10 on 1,400 digits in {time.perf_counter() - start:.1f} s; "
-          f"test accuracy {accuracy(model, test_loader):.3f}")
+    print(
+        f"trained MLP 64-256-256-10 on 1,400 digits in {time.perf_counter() - start:.1f} s; "
+        f"test accuracy {accuracy(model, test_loader):.3f}"
+    )
 
-    la = Laplace(model, "classification", subset="last_layer", structure="kron", prior_precision=1.0)
+    la = Laplace(
+        model, "classification", subset="last_layer", structure="kron", prior_precision=1.0
+    )
     start = time.perf_counter()
     la.fit(train_loader, progress=True)
     seconds = time.perf_counter() - start
@@ -79,8 +83,10 @@ def main() -> None:
         print(f"  {name}: {type(block).__name__} with state shapes {shapes}")
     precision = la.posterior_precision
     diagonal = precision.diagonal()
-    print(f"  posterior precision: P = {precision.n_params}, diagonal in "
-          f"[{diagonal.min():.3g}, {diagonal.max():.3g}], mean {diagonal.mean():.3g}")
+    print(
+        f"  posterior precision: P = {precision.n_params}, diagonal in "
+        f"[{diagonal.min():.3g}, {diagonal.max():.3g}], mean {diagonal.mean():.3g}"
+    )
     print(f"  log-likelihood at the MAP (sum over {la.n_data} data): {la.log_likelihood:.2f}")
 
 

@@ -125,17 +125,24 @@ class Laplace:
                 f"likelihood={self.likelihood.value!r}."
             )
         if sigma.ndim > 1:
-            raise ValueError(f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}.")
+            raise ValueError(
+                f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}."
+            )
         self.sigma_noise = sigma
         self.temperature = float(_positive(temperature, "temperature", allow_zero=False))
-        if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
+        if (
+            isinstance(fisher_samples, bool)
+            or not isinstance(fisher_samples, int)
+            or fisher_samples < 1
+        ):
             raise ValueError(f"fisher_samples must be an integer >= 1, got {fisher_samples!r}.")
         self.fisher_samples = fisher_samples
         if accumulate_dtype is not None and not (
             isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
         ):
             raise TypeError(
-                f"accumulate_dtype must be a floating torch.dtype or None, got {accumulate_dtype!r}."
+                "accumulate_dtype must be a floating torch.dtype or None, "
+                f"got {accumulate_dtype!r}."
             )
         self.accumulate_dtype = accumulate_dtype
         self.max_full_params = max_full_params
@@ -153,7 +160,8 @@ class Laplace:
         prior = _positive(value, "prior_precision", allow_zero=True)
         if prior.ndim > 1:
             raise ValueError(
-                f"prior_precision must be a scalar or a (P,) tensor, got shape {tuple(prior.shape)}."
+                "prior_precision must be a scalar or a (P,) tensor, "
+                f"got shape {tuple(prior.shape)}."
             )
         fit = getattr(self, "_fit", None)
         if fit is not None and prior.ndim == 1 and prior.numel() != fit.selection.n_params:
@@ -208,8 +216,12 @@ class Laplace:
     def posterior_precision(self) -> PosteriorPrecision:
         """The posterior precision ``F / T + P₀`` in the fitted structure."""
         fit = self._fitted()
-        prior = self._prior_precision.to(device=fit.mean.device, dtype=fit.curvature.state()[0].dtype)
-        return PosteriorPrecision(fit.curvature, 1.0 / self.temperature, prior.expand(fit.selection.n_params))
+        prior = self._prior_precision.to(
+            device=fit.mean.device, dtype=fit.curvature.state()[0].dtype
+        )
+        return PosteriorPrecision(
+            fit.curvature, 1.0 / self.temperature, prior.expand(fit.selection.n_params)
+        )
 
     # ---------------------------------------------------------------- fit
     def fit(
@@ -247,7 +259,9 @@ class Laplace:
                 module.training = training
         return self
 
-    def _run_fit(self, loader: Iterable[Any], progress: bool, generator: torch.Generator | None) -> _Fit:
+    def _run_fit(
+        self, loader: Iterable[Any], progress: bool, generator: torch.Generator | None
+    ) -> _Fit:
         device = next(self.model.parameters()).device
         total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
         engine: CurvatureEngine | None = None
@@ -279,7 +293,9 @@ class Laplace:
             n_data += stats.n_data
             flags.append(torch.stack([stats.bad_outputs, stats.bad_targets]))
         if engine is None or accumulator is None or selection is None:
-            raise ValueError("the loader yielded no batch; fit needs at least one (inputs, targets) batch.")
+            raise ValueError(
+                "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
+            )
         self._raise_on_flags(torch.stack(flags))
         return _Fit(selection, last_layer, accumulator, selection.flat(), nll, n_data)
 
@@ -325,11 +341,14 @@ class Laplace:
 
     def __repr__(self) -> str:
         fitted = (
-            f"n_params={self.n_params}, n_data={self.n_data}" if self._fit is not None else "not fitted"
+            f"n_params={self.n_params}, n_data={self.n_data}"
+            if self._fit is not None
+            else "not fitted"
         )
         return (
             f"Laplace(likelihood={self.likelihood.value!r}, subset={self.subset!r}, "
-            f"structure={self.structure.value!r}, curvature={self.curvature_kind.value!r}, {fitted})"
+            f"structure={self.structure.value!r}, curvature={self.curvature_kind.value!r}, "
+            f"{fitted})"
         )
 
 

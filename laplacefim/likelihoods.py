@@ -89,7 +89,9 @@ class Classification:
         eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
         return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
 
-    def sampled_gradients(self, f: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+    def sampled_gradients(
+        self, f: Tensor, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
         """Loss gradients at labels drawn from the model, over √k; ``(k, B, C)``."""
         p = f.softmax(dim=-1)
         labels = torch.multinomial(p, n_samples, replacement=True, generator=generator).T
@@ -158,7 +160,9 @@ class Regression:
         columns = torch.eye(n_out, dtype=f.dtype, device=f.device) / self._sigma(f)[:, None]
         return columns[:, None, :].expand(n_out, f.shape[0], n_out)
 
-    def sampled_gradients(self, f: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+    def sampled_gradients(
+        self, f: Tensor, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
         """Loss gradients ``(f − ỹ)/σ² = −ε/σ`` at ``ỹ = f + σε``, over √k; ``(k, B, K)``."""
         eps = torch.randn(
             (n_samples, *f.shape), dtype=f.dtype, device=f.device, generator=generator
@@ -210,7 +214,9 @@ class Binary:
         p = f.sigmoid()
         return (p * (1 - p)).sqrt()[None]
 
-    def sampled_gradients(self, f: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+    def sampled_gradients(
+        self, f: Tensor, n_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
         """Loss gradients ``p − ỹ`` at labels drawn from the model, over √k; ``(k, B, 1)``."""
         p = f.sigmoid()
         u = torch.rand((n_samples, *f.shape), dtype=f.dtype, device=f.device, generator=generator)

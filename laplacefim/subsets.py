@@ -49,7 +49,7 @@ def validate_subset(subset: object) -> SubsetSpec:
             )
         return subset
     if callable(subset):
-        return subset  # type: ignore[return-value]
+        return subset
     if isinstance(subset, Sequence) and all(isinstance(name, str) for name in subset):
         if len(subset) == 0:
             raise ValueError("subset is an empty list; name at least one parameter.")
@@ -82,7 +82,9 @@ def select(model: nn.Module, subset: SubsetSpec, last_layer: str | None = None) 
         if last_layer is None:
             raise ValueError("the last layer has not been found yet; call fit() first.")
         prefix = f"{last_layer}." if last_layer else ""
-        chosen = [name for name in named if name.startswith(prefix) and "." not in name[len(prefix):]]
+        chosen = [
+            name for name in named if name.startswith(prefix) and "." not in name[len(prefix) :]
+        ]
     elif callable(subset):
         chosen = [name for name, param in named.items() if subset(name, param)]
     else:

@@ -12,7 +12,14 @@ from laplacefim.curvature.kinds import columns
 from laplacefim.curvature.layers import DENSE_INPUT, EMBEDDING, GENERIC, Rows, kron_capable
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.options import CurvatureKind, Structure
-from laplacefim.structures import Block, BlockDiagonal, DenseBlock, DiagBlock, KronBlock
+from laplacefim.structures import (
+    Block,
+    BlockDiagonal,
+    DenseBlock,
+    DiagBlock,
+    KronBlock,
+    LinearDenseBlock,
+)
 from laplacefim.subsets import Selection
 
 
@@ -90,7 +97,9 @@ class CurvatureEngine:
         self.dtype = dtype
         self.slots = _owner_slots(model, selection)
         self.modules = {s.module_name: model.get_submodule(s.module_name) for s in self.slots}
-        self._fast: bool | None = None  # whether the only hooked layer's output is the model's output
+        self._fast: bool | None = (
+            None  # whether the only hooked layer's output is the model's output
+        )
 
     # ---------------------------------------------------------------- layout
     def _rule_kind(self, slot: Slot) -> str:
@@ -102,9 +111,26 @@ class CurvatureEngine:
     def zeros(self) -> BlockDiagonal:
         """An empty accumulator laid out for this engine's structure."""
         if self.structure is Structure.FULL:
+            linear = self._single_linear()
+            if linear is not None:
+                d_out, d_aug, weight, bias = linear
+                pairs = self._zeros(d_out * (d_out + 1) // 2, d_aug, d_aug)
+                return BlockDiagonal([LinearDenseBlock(pairs, d_out, weight, bias)])
             n = sum(s.param.numel() for s in self.slots)
             return BlockDiagonal([DenseBlock(self._zeros(n, n))])
         return BlockDiagonal([self._zero_block(slot) for slot in self.slots])
+
+    def _single_linear(self) -> tuple[int, int, bool, bool] | None:
+        """``(d_out, d_aug, weight, bias)`` when every chosen parameter is one Linear layer's."""
+        if len(self.modules) != 1:
+            return None
+        module = next(iter(self.modules.values()))
+        if not isinstance(module, nn.Linear):
+            return None
+        locals_ = {s.local for s in self.slots}
+        weight, bias = "weight" in locals_, "bias" in locals_
+        d_aug = module.in_features * int(weight) + int(bias) if weight else 1
+        return module.out_features, d_aug, weight, bias
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.slots[0].param.device)
@@ -118,7 +144,9 @@ class CurvatureEngine:
             return DenseBlock(self._zeros(shape[0], shape[0]))
         if rule == "dense_input":
             d_in = slot.param[0].numel()
-            return KronBlock(self._zeros(shape[0], shape[0]), self._zeros(d_in, d_in), self._zeros())
+            return KronBlock(
+                self._zeros(shape[0], shape[0]), self._zeros(d_in, d_in), self._zeros()
+            )
         return KronBlock(self._zeros(shape[0]), self._zeros(shape[1], shape[1]), self._zeros())
 
     # ---------------------------------------------------------------- one batch
@@ -198,13 +226,7 @@ class CurvatureEngine:
         for slot in self.slots:
             by_module.setdefault(slot.module_name, []).append(slot)
         if self.structure is Structure.FULL:
-            block_form = self._single_linear_full(by_module, calls, grads)
-            if block_form is not None:
-                return [block_form]
-            per_sample = self._per_sample(by_module, calls, grads)
-            jac = torch.cat([per_sample[s.name] for s in self.slots], dim=2)
-            jac = jac.reshape(-1, jac.shape[-1])
-            return [jac.T @ jac]
+            return [self._full(by_module, calls, grads)]
         parts: dict[str, list[Tensor]] = {}
         for module_name, slots in by_module.items():
             module = self.modules[module_name]
@@ -224,7 +246,9 @@ class CurvatureEngine:
             out.extend(parts[slot.name] if slot.name in parts else self._zero_block(slot).state())
         return out
 
-    def _ruled_stats(self, module: nn.Module, slots: list[Slot], rows: Rows) -> dict[str, list[Tensor]]:
+    def _ruled_stats(
+        self, module: nn.Module, slots: list[Slot], rows: Rows
+    ) -> dict[str, list[Tensor]]:
         parts: dict[str, list[Tensor]] = {}
         if isinstance(module, nn.Embedding):
             for s in slots:
@@ -244,7 +268,10 @@ class CurvatureEngine:
         return parts
 
     def _per_sample(
-        self, by_module: dict[str, list[Slot]], calls: dict[str, list[Call]], grads: dict[str, list[Tensor]]
+        self,
+        by_module: dict[str, list[Slot]],
+        calls: dict[str, list[Call]],
+        grads: dict[str, list[Tensor]],
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for module_name, slots in by_module.items():
@@ -273,34 +300,39 @@ class CurvatureEngine:
                     out[s.name] = some.new_zeros(*some.shape[:2], s.param.numel())
         return out
 
-    def _single_linear_full(
-        self, by_module: dict[str, list[Slot]], calls: dict[str, list[Call]], grads: dict[str, list[Tensor]]
-    ) -> Tensor | None:
-        """``Σₙ Mₙ ⊗ ãₙãₙᵀ`` for one Linear layer (the last-layer case), ``Mₙ = Σ_v g gᵀ``.
+    def _full(
+        self,
+        by_module: dict[str, list[Slot]],
+        calls: dict[str, list[Call]],
+        grads: dict[str, list[Tensor]],
+    ) -> Tensor:
+        """One batch's full block: by output pairs for one Linear layer, else ``JᵀJ``."""
+        linear = self._single_linear()
+        if linear is not None:
+            module_name = next(iter(self.modules))
+            rows = self._rows(self.modules[module_name], calls[module_name], grads[module_name])
+            if len(calls[module_name]) == 1 and rows.inputs.shape[1] == 1:
+                return self._linear_pairs(rows, *linear)
+        per_sample = self._per_sample(by_module, calls, grads)
+        jac = torch.cat([per_sample[s.name] for s in self.slots], dim=2)
+        jac = jac.reshape(-1, jac.shape[-1])
+        dense = jac.T @ jac
+        if linear is None:
+            return dense
+        d_out, d_aug, weight, bias = linear
+        order = LinearDenseBlock(dense.new_zeros(0, d_aug, d_aug), d_out, weight, bias)._order()
+        return LinearDenseBlock.pairs_from_dense(dense, d_out, d_aug, order)
 
-        Costs ``N·P²`` instead of the ``V·N·P²`` of a per-sample Jacobian.
+    def _linear_pairs(self, rows: Rows, d_out: int, d_aug: int, weight: bool, bias: bool) -> Tensor:
+        """``pairs[k] = Σₙ Mₙ[o_k, p_k] ãₙãₙᵀ`` for ``o_k ≤ p_k``: one GEMM over the batch.
+
+        Costs about ``N·P²/2`` multiply-adds, against ``V·N·P²`` for a per-sample Jacobian.
         """
-        if len(by_module) != 1:
-            return None
-        (module_name, slots), = by_module.items()
-        module = self.modules[module_name]
-        if not isinstance(module, nn.Linear) or len(calls[module_name]) != 1:
-            return None
-        rows = self._rows(module, calls[module_name], grads[module_name])
-        if rows.inputs.shape[1] != 1:
-            return None
         a, g = rows.inputs[:, 0], rows.grads[:, :, 0]
-        locals_ = [s.local for s in slots]
-        if "weight" in locals_ and "bias" in locals_:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-        elif "bias" in locals_:
-            a = a.new_ones(a.shape[0], 1)
-        m = torch.einsum("vbo,vbp->bop", g, g)
-        block = torch.einsum("bop,bi,bj->oipj", m, a, a)
-        d_out, d_aug = block.shape[0], block.shape[1]
-        block = block.reshape(d_out * d_aug, d_out * d_aug)
-        if "weight" in locals_ and "bias" in locals_:
-            index = torch.arange(d_out * d_aug, device=block.device).reshape(d_out, d_aug)
-            order = torch.cat([index[:, :-1].reshape(-1), index[:, -1]])
-            block = block[order][:, order]
-        return block
+        if bias:
+            ones = a.new_ones(a.shape[0], 1)
+            a = torch.cat([a, ones], dim=1) if weight else ones
+        upper = torch.triu_indices(d_out, d_out, device=a.device)
+        weights = (g[:, :, upper[0]] * g[:, :, upper[1]]).sum(0)  # (B, pairs)
+        left = (weights[:, :, None] * a[:, None, :]).reshape(a.shape[0], -1)
+        return (left.T @ a).reshape(-1, d_aug, d_aug)

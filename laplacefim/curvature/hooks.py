@@ -63,7 +63,9 @@ def record(modules: Mapping[str, nn.Module], *, track_grad: bool) -> Iterator[Re
     recording = Recording({name: [] for name in modules})
 
     def make_hook(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"module {name!r} ({type(module).__name__}) returned "

@@ -114,14 +114,20 @@ class EmbeddingRule:
     def rows(self, module: nn.Module, calls: list[Call], grads: list[Tensor]) -> Rows:
         """Token indices ``(B, T)`` and output gradients ``(V, B, T, dim)``; padding masked."""
         emb: nn.Embedding = module  # type: ignore[assignment]
-        tokens = torch.cat([(c.args[0] if c.args else c.kwargs["input"]).reshape(c.output.shape[0], -1) for c in calls], 1)
+        tokens = torch.cat(
+            [
+                (c.args[0] if c.args else c.kwargs["input"]).reshape(c.output.shape[0], -1)
+                for c in calls
+            ],
+            1,
+        )
         g = torch.cat([gr.reshape(gr.shape[0], gr.shape[1], -1, gr.shape[-1]) for gr in grads], 2)
         if emb.padding_idx is not None:
             g = g * (tokens != emb.padding_idx)[None, :, :, None].to(g.dtype)
         return Rows(tokens, g)
 
     def _per_sample_rows(self, rows: Rows, num: int) -> tuple[Tensor, Tensor]:
-        """Sum gradients of equal tokens within a sample: ``(V, U, dim)`` and their tokens ``(U,)``."""
+        """Gradients summed over equal tokens of a sample ``(V, U, dim)``; their tokens ``(U,)``."""
         tokens, g = rows.inputs, rows.grads
         batch, positions = tokens.shape
         keys = torch.arange(batch, device=tokens.device)[:, None] * num + tokens
@@ -162,7 +168,7 @@ class GenericRule:
     def per_sample(
         self, module: nn.Module, locals_: list[str], calls: list[Call], grads: list[Tensor]
     ) -> dict[str, Tensor]:
-        """Per-sample, per-column gradients ``(V, B, p)`` of each named parameter, summed over calls."""
+        """Per-sample, per-column gradients ``(V, B, p)`` of each parameter, summed over calls."""
         params = {name: module._parameters[name].detach() for name in locals_}  # type: ignore[union-attr]
         total: dict[str, Tensor] = {}
         for call, g in zip(calls, grads, strict=True):
@@ -174,8 +180,10 @@ class GenericRule:
     def _one_call(
         self, module: nn.Module, params: dict[str, Tensor], call: Call, g: Tensor, batch: int
     ) -> dict[str, Tensor]:
-        batched = tuple(isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch for a in call.args)
-        in_dims = tuple(0 if b else None for b in batched)
+        batched = tuple(
+            isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch for a in call.args
+        )
+        in_dims: tuple[int | None, ...] = tuple(0 if b else None for b in batched)
 
         def one_sample(args: tuple[Any, ...], g_sample: Tensor) -> dict[str, Tensor]:
             args1 = tuple(a.unsqueeze(0) if b else a for a, b in zip(args, batched, strict=True))
@@ -183,7 +191,7 @@ class GenericRule:
             def forward(p: dict[str, Tensor]) -> Tensor:
                 return torch.func.functional_call(module, p, args1, call.kwargs)
 
-            _, vjp = torch.func.vjp(forward, params)
+            _, vjp, *_ = torch.func.vjp(forward, params)
             return torch.func.vmap(lambda column: vjp(column.unsqueeze(0))[0])(g_sample)
 
         per_sample = torch.func.vmap(one_sample, in_dims=(in_dims, 1))(call.args, g)

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from laplacefim.structures.dense import DenseBlock
+from laplacefim.structures.dense import DenseBlock, LinearDenseBlock
 from laplacefim.structures.diag import DiagBlock
 from laplacefim.structures.kron import KronBlock
 
-Block = DiagBlock | DenseBlock | KronBlock
+Block = DiagBlock | DenseBlock | LinearDenseBlock | KronBlock
 
 
 @dataclass
 class BlockDiagonal:
     """Curvature blocks laid along the flat parameter vector, in order.
 
-    ``structure="full"`` is one dense block; ``"diag"`` one diagonal block per parameter
-    tensor; ``"kron"`` one Kronecker block per Linear, Conv2d or Embedding weight, a dense
-    block per bias and a diagonal block per other parameter. Every block's state is a list
-    of tensors that add up over batches (and, later, over ranks).
+    ``structure="full"`` is one dense block (a :class:`LinearDenseBlock` when the chosen
+    parameters are those of one ``nn.Linear`` layer, as for the last layer); ``"diag"`` one
+    diagonal block per parameter tensor; ``"kron"`` one Kronecker block per Linear, Conv2d
+    or Embedding weight, a dense block per bias and a diagonal block per other parameter.
+    Every block's state is a list of tensors that add up over batches (and over ranks).
 
     Attributes:
         blocks: The blocks, in flat-parameter order.
@@ -66,8 +68,4 @@ class BlockDiagonal:
 
     def clone(self) -> BlockDiagonal:
         """A deep copy whose tensors share no memory with this one."""
-        copies: list[Block] = []
-        for block in self.blocks:
-            tensors = [t.clone() for t in block.state()]
-            copies.append(type(block)(*tensors))
-        return BlockDiagonal(copies)
+        return copy.deepcopy(self)
