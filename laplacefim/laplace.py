@@ -29,16 +29,22 @@ class _Fit:
     last_layer: str | None
     curvature: BlockDiagonal
     mean: Tensor
-    nll: Tensor
+    loss_stats: Tensor
     n_data: int
 
 
 def _positive(value: Any, name: str, *, allow_zero: bool) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}.")
-    tensor = torch.as_tensor(value).detach()
+    # Python numbers are kept in float64 and cast where they are used, so that a float64
+    # model sees exactly the value given.
+    tensor = (
+        value.detach()
+        if isinstance(value, Tensor)
+        else torch.tensor(float(value), dtype=torch.float64)
+    )
     if not tensor.dtype.is_floating_point:
-        tensor = tensor.to(torch.get_default_dtype())
+        tensor = tensor.to(torch.float64)
     bad = ~torch.isfinite(tensor) | (tensor < 0 if allow_zero else tensor <= 0)
     if bad.any():
         bound = ">= 0" if allow_zero else "> 0"
@@ -205,7 +211,10 @@ class Laplace:
     @property
     def log_likelihood(self) -> Tensor:
         """Log-likelihood of the training data at the mean, tempered: ``−Σ nll / T``."""
-        return -self._fitted().nll / self.temperature
+        fit = self._fitted()
+        likelihood = make_likelihood(self.likelihood, self.sigma_noise)
+        sigma = self.sigma_noise.to(fit.loss_stats)
+        return likelihood.log_likelihood(fit.loss_stats, fit.n_data, sigma) / self.temperature
 
     @property
     def curvature(self) -> BlockDiagonal:
@@ -268,7 +277,7 @@ class Laplace:
         accumulator: BlockDiagonal | None = None
         selection: Selection | None = None
         last_layer: str | None = None
-        nll = torch.zeros(())
+        loss_stats: Tensor | None = None
         n_data = 0
         flags: list[Tensor] = []
         bar = tqdm(loader, total=total, disable=not progress, desc="laplacefim fit", unit="batch")
@@ -283,21 +292,20 @@ class Laplace:
                 selection = select(self.model, self.subset, last_layer)
                 engine = self._engine(selection)
                 accumulator = engine.zeros()
-                nll = nll.to(device=device, dtype=engine.dtype)
             try:
                 stats = engine.batch(x, y, generator)
             except (ValueError, TypeError) as error:
                 raise type(error)(f"batch {index}: {error}") from error
             accumulator.add_(stats.contributions)  # type: ignore[union-attr]
-            nll = nll + stats.nll
+            loss_stats = stats.loss_stats if loss_stats is None else loss_stats + stats.loss_stats
             n_data += stats.n_data
             flags.append(torch.stack([stats.bad_outputs, stats.bad_targets]))
-        if engine is None or accumulator is None or selection is None:
+        if engine is None or accumulator is None or selection is None or loss_stats is None:
             raise ValueError(
                 "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
             )
         self._raise_on_flags(torch.stack(flags))
-        return _Fit(selection, last_layer, accumulator, selection.flat(), nll, n_data)
+        return _Fit(selection, last_layer, accumulator, selection.flat(), loss_stats, n_data)
 
     def _engine(self, selection: Selection) -> CurvatureEngine:
         if self.structure is Structure.FULL and selection.n_params > self.max_full_params:

@@ -79,9 +79,13 @@ class Classification:
         invalid = ((y < 0) | (y >= n_classes)).any()
         return Targets(y.clamp(0, n_classes - 1).long(), invalid)
 
-    def nll(self, f: Tensor, y: Tensor) -> Tensor:
-        """Summed negative log-likelihood."""
+    def loss_stats(self, f: Tensor, y: Tensor) -> Tensor:
+        """Summable statistic of the loss: the summed negative log-likelihood, 0-d."""
         return F.cross_entropy(f, y, reduction="sum")
+
+    def log_likelihood(self, stats: Tensor, n_data: int, sigma_noise: Tensor) -> Tensor:
+        """Log-likelihood of the data from their summed statistics."""
+        return -stats
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         """Columns ``s_c = √p_c (e_c − p)``: ``Σ_c s_c s_cᵀ = diag(p) − p pᵀ``; ``(C, B, C)``."""
@@ -146,12 +150,20 @@ class Regression:
     def _sigma(self, f: Tensor) -> Tensor:
         return self.sigma_noise.to(dtype=f.dtype, device=f.device).reshape(-1)
 
-    def nll(self, f: Tensor, y: Tensor) -> Tensor:
-        """Summed Gaussian negative log-likelihood, constants included."""
-        sigma = self._sigma(f).expand(f.shape[1])
-        residual = (y - f) / sigma
-        return 0.5 * residual.square().sum() + f.shape[0] * (
-            sigma.log().sum() + 0.5 * f.shape[1] * math.log(2 * math.pi)
+    def loss_stats(self, f: Tensor, y: Tensor) -> Tensor:
+        """Summable statistic of the loss: squared residuals summed per output ``(K,)``.
+
+        Keeping them (rather than the NLL) lets the log-likelihood be evaluated for any
+        noise level after the fit, which noise tuning needs.
+        """
+        return (y - f).square().sum(0)
+
+    def log_likelihood(self, stats: Tensor, n_data: int, sigma_noise: Tensor) -> Tensor:
+        """Gaussian log-likelihood, constants included, for noise ``sigma_noise``."""
+        sigma = sigma_noise.reshape(-1).expand(stats.shape[0])
+        return -(
+            0.5 * (stats / sigma.square()).sum()
+            + n_data * (sigma.log().sum() + 0.5 * stats.shape[0] * math.log(2 * math.pi))
         )
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
@@ -205,9 +217,13 @@ class Binary:
         invalid = ((y != 0) & (y != 1)).any()
         return Targets(y, invalid)
 
-    def nll(self, f: Tensor, y: Tensor) -> Tensor:
-        """Summed binary cross-entropy on logits."""
+    def loss_stats(self, f: Tensor, y: Tensor) -> Tensor:
+        """Summable statistic of the loss: the summed binary cross-entropy, 0-d."""
         return F.binary_cross_entropy_with_logits(f, y, reduction="sum")
+
+    def log_likelihood(self, stats: Tensor, n_data: int, sigma_noise: Tensor) -> Tensor:
+        """Log-likelihood of the data from their summed statistics."""
+        return -stats
 
     def hessian_sqrt(self, f: Tensor) -> Tensor:
         """The single column ``√(p(1 − p))``; ``(1, B, 1)``."""

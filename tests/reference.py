@@ -249,7 +249,7 @@ def predictive_moments(
     one entry per possible label.  For regression ``r ~ N(0, diag(1/sigma^2))``:
     the diagonal covariance (C,) is returned.
     """
-    B, C = f.shape
+    _B, C = f.shape
     if likelihood == "classification":
         p = torch.softmax(f, dim=-1)
         eye = torch.eye(C, dtype=f.dtype, device=f.device)
@@ -334,9 +334,13 @@ class CurvatureReference:
                         self.model(xn)
                 finally:
                     h.remove()
-                delta = torch.zeros(store["shape"], dtype=self.x.dtype if self.x.is_floating_point()
-                                    else self.f.dtype, device=self.x.device, requires_grad=True)
-                h = mod.register_forward_hook(lambda m, i, o: o + delta)
+                delta = torch.zeros(
+                    store["shape"],
+                    dtype=self.x.dtype if self.x.is_floating_point() else self.f.dtype,
+                    device=self.x.device,
+                    requires_grad=True,
+                )
+                h = mod.register_forward_hook(lambda m, i, o, d=delta: o + d)
                 try:
                     out = self.model(xn).reshape(-1)
                 finally:
@@ -353,7 +357,10 @@ class CurvatureReference:
                     a_outer = a.T @ a
                 elif isinstance(mod, nn.Conv2d):
                     patches = F.unfold(
-                        inp, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                        inp,
+                        mod.kernel_size,
+                        dilation=mod.dilation,
+                        padding=mod.padding,
                         stride=mod.stride,
                     )  # (1, in*kh*kw, L)
                     a = patches[0].T  # (L, D)

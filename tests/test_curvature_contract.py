@@ -12,10 +12,9 @@ import copy
 import itertools
 
 import pytest
+import reference as ref
 import torch
 from torch import nn
-
-import reference as ref
 
 laplacefim = pytest.importorskip("laplacefim")
 Laplace = laplacefim.Laplace
@@ -158,8 +157,9 @@ def test_curvature_matches_reference(structure, likelihood, kind, device):
     model, x, y, model_dev, dl = _problem(likelihood, device)
     names = ref.trainable_names(model)
     sigma = _sigma(likelihood)
-    la = _make(model_dev, likelihood, structure, kind, fisher_samples=MC_SAMPLES
-               if kind == "fisher" else 1)
+    la = _make(
+        model_dev, likelihood, structure, kind, fisher_samples=MC_SAMPLES if kind == "fisher" else 1
+    )
     out = la.fit(dl, progress=False, generator=_generator(device, 11))
     assert out is la
     F_pkg = _dense(la)
@@ -197,7 +197,7 @@ def test_mc_fisher_error_shrinks_with_samples(likelihood, structure):
     """The relative error of the MC Fisher goes down ~ 1/sqrt(k): compare k = 4 with
     k = 4000 (expected ratio sqrt(1000) ~ 32; asserted > 4 on the observed errors,
     and each error is checked against its exact predicted RMS)."""
-    model, x, y, model_dev, dl = _problem(likelihood, "cpu", seed=1)
+    model, x, _y, model_dev, dl = _problem(likelihood, "cpu", seed=1)
     names = ref.trainable_names(model)
     cr = ref.CurvatureReference(model, names, x, likelihood, _sigma(likelihood))
     expected = cr.ggn(structure)
@@ -212,7 +212,7 @@ def test_mc_fisher_error_shrinks_with_samples(likelihood, structure):
 
 
 def test_mc_fisher_depends_on_generator_and_is_reproducible():
-    model, x, y, model_dev, dl = _problem("classification", "cpu")
+    _model, _x, _y, model_dev, dl = _problem("classification", "cpu")
     mats = []
     for seed in (1, 1, 2):
         la = _make(model_dev, "classification", "full", "fisher", fisher_samples=3)
@@ -230,8 +230,9 @@ def test_mc_fisher_depends_on_generator_and_is_reproducible():
 def test_prior_and_temperature(structure, likelihood, device):
     model, x, y, model_dev, dl = _problem(likelihood, device)
     names = ref.trainable_names(model)
-    F = ref.reference_curvature(model, names, x, y, likelihood, structure, "ggn",
-                                _sigma(likelihood))
+    F = ref.reference_curvature(
+        model, names, x, y, likelihood, structure, "ggn", _sigma(likelihood)
+    )
     P = F.shape[0]
     T = 2.5
     g = torch.Generator()
@@ -248,7 +249,7 @@ def test_prior_and_temperature(structure, likelihood, device):
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_bookkeeping(structure, device):
-    model, x, y, model_dev, dl = _problem("classification", device)
+    model, _x, _y, model_dev, dl = _problem("classification", device)
     names = ref.trainable_names(model)
     la = _make(model_dev, "classification", structure, "ggn")
     la.fit(dl, progress=False)
@@ -264,7 +265,7 @@ def test_bookkeeping(structure, device):
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_refit_replaces_rather_than_accumulates(structure):
-    model, x, y, model_dev, dl = _problem("regression", "cpu")
+    _model, _x, _y, model_dev, dl = _problem("regression", "cpu")
     la = _make(model_dev, "regression", structure, "ggn")
     la.fit(dl, progress=False)
     first = _dense(la)

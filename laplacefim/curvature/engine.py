@@ -39,14 +39,14 @@ class BatchStats:
 
     Attributes:
         contributions: Tensors laid out as the accumulator's ``state()``.
-        nll: Summed negative log-likelihood of the batch, a 0-d tensor.
+        loss_stats: The likelihood's summable loss statistic of the batch.
         n_data: Number of data in the batch.
         bad_outputs: 0-d bool tensor, True if an output was NaN or infinite.
         bad_targets: 0-d bool tensor, True if a target value was out of range.
     """
 
     contributions: list[Tensor]
-    nll: Tensor
+    loss_stats: Tensor
     n_data: int
     bad_outputs: Tensor
     bad_targets: Tensor
@@ -180,9 +180,9 @@ class CurvatureEngine:
             )
         grads = self._output_grads(f, cols, calls, use_columns=not track_grad or self._fast)
         contributions = self._contributions(calls, grads)
-        nll = self.likelihood.nll(f2, targets.values).to(self.dtype)
+        loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
         bad_outputs = ~torch.isfinite(f2).all()
-        return BatchStats(contributions, nll, f2.shape[0], bad_outputs, targets.invalid)
+        return BatchStats(contributions, loss_stats, f2.shape[0], bad_outputs, targets.invalid)
 
     def _output_grads(
         self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]], *, use_columns: bool

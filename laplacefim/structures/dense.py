@@ -7,6 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplacefim.structures.eigen import CurvatureEigen, DenseBasis, symmetric_eigh
+
+
+def decompose_dense(matrix: Tensor) -> CurvatureEigen:
+    """Eigen-decomposition of a dense PSD block, keeping the matrix for varying priors."""
+    values, vectors = symmetric_eigh(matrix)
+    return CurvatureEigen(values, DenseBasis(vectors), matrix)
+
 
 @dataclass
 class DenseBlock:
@@ -34,6 +42,10 @@ class DenseBlock:
     def diagonal(self) -> Tensor:
         """The block's diagonal ``(p,)``."""
         return self.matrix.diagonal()
+
+    def decompose(self) -> CurvatureEigen:
+        """Eigen-decomposition of the dense block."""
+        return decompose_dense(self.matrix)
 
 
 @dataclass
@@ -99,6 +111,10 @@ class LinearDenseBlock:
         upper = torch.triu_indices(self.d_out, self.d_out, device=self.pairs.device)
         on_diagonal = (upper[0] == upper[1]).nonzero().squeeze(1)
         return self.pairs[on_diagonal].diagonal(dim1=1, dim2=2).reshape(-1)[self._order()]
+
+    def decompose(self) -> CurvatureEigen:
+        """Eigen-decomposition of the assembled dense block."""
+        return decompose_dense(self.to_dense())
 
     @staticmethod
     def pairs_from_dense(dense: Tensor, d_out: int, d_aug: int, order: Tensor) -> Tensor:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplacefim.structures.eigen import CurvatureEigen, IdentityBasis
+
 
 @dataclass
 class DiagBlock:
@@ -34,3 +36,7 @@ class DiagBlock:
     def diagonal(self) -> Tensor:
         """The block's diagonal ``(p,)``."""
         return self.diag
+
+    def decompose(self) -> CurvatureEigen:
+        """Eigen-decomposition: the entries themselves, in the standard basis."""
+        return CurvatureEigen(self.diag, IdentityBasis(self.numel))

@@ -7,6 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplacefim.structures.eigen import CurvatureEigen, KronBasis, symmetric_eigh
+
+
+def _factor_eigh(factor: Tensor) -> tuple[Tensor, Tensor | None]:
+    if factor.ndim == 1:
+        return factor.clamp_min(0), None
+    return symmetric_eigh(factor)
+
 
 def _as_matrix(factor: Tensor) -> Tensor:
     return torch.diag(factor) if factor.ndim == 1 else factor
@@ -44,6 +52,14 @@ class KronBlock:
     def to_dense(self) -> Tensor:
         """The block as a dense ``(m·n, m·n)`` matrix."""
         return torch.kron(_as_matrix(self.first), _as_matrix(self.second)) / self.count.clamp_min(1)
+
+    def decompose(self) -> CurvatureEigen:
+        """Eigen-decomposition of both factors; eigenvalues ``λ₁ ⊗ λ₂ / count``."""
+        first, q_first = _factor_eigh(self.first)
+        second, q_second = _factor_eigh(self.second)
+        values = torch.outer(first, second).reshape(-1) / self.count.clamp_min(1)
+        shape = (self.first.shape[0], self.second.shape[0])
+        return CurvatureEigen(values, KronBasis(q_first, q_second, shape))
 
     def diagonal(self) -> Tensor:
         """The block's diagonal ``(m·n,)``, without building the block."""
