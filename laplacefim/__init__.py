@@ -2,12 +2,36 @@
 
 Laplace approximations built on the Fisher information / generalised Gauss-Newton matrix,
 with full, diagonal and Kronecker-factored structures over all weights, the last layer or
-any subset.
+any subset; prior tuning by marginal likelihood; linearised and sampling predictives.
 """
 
+from laplacefim.distributions import BlockDiagonalNormal
 from laplacefim.laplace import Laplace
-from laplacefim.options import CurvatureKind, Likelihood, Structure
+from laplacefim.marglik import PriorTuning
+from laplacefim.options import (
+    CurvatureKind,
+    Likelihood,
+    Link,
+    PredictMethod,
+    PriorStructure,
+    Structure,
+    TuneMethod,
+)
 from laplacefim.precision import PosteriorPrecision
+from laplacefim.predictive import Prediction
 
-__all__ = ["CurvatureKind", "Laplace", "Likelihood", "PosteriorPrecision", "Structure"]
+__all__ = [
+    "BlockDiagonalNormal",
+    "CurvatureKind",
+    "Laplace",
+    "Likelihood",
+    "Link",
+    "PosteriorPrecision",
+    "PredictMethod",
+    "Prediction",
+    "PriorStructure",
+    "PriorTuning",
+    "Structure",
+    "TuneMethod",
+]
 __version__ = "0.1.0"

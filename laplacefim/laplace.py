@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pyro.distributions import MultivariateNormal, Normal, TorchDistribution
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from laplacefim import persistence, tuning
 from laplacefim.curvature import CurvatureEngine
+from laplacefim.distributions import BlockDiagonalNormal
+from laplacefim.fitting import FitState, eval_mode, layout_of, run_fit
 from laplacefim.likelihoods import make_likelihood
-from laplacefim.options import CurvatureKind, Likelihood, Structure, parse_option
+from laplacefim.marglik import Evidence, PriorTuning
+from laplacefim.options import (
+    CurvatureKind,
+    Likelihood,
+    Link,
+    PredictMethod,
+    PriorStructure,
+    Structure,
+    TuneMethod,
+    parse_option,
+)
 from laplacefim.precision import PosteriorPrecision
+from laplacefim.predictive import (
+    Prediction,
+    gaussian_prediction,
+    glm_moments,
+    linearised_samples,
+    sampled_outputs,
+    sampled_prediction,
+)
 from laplacefim.structures import BlockDiagonal
-from laplacefim.subsets import Selection, SubsetSpec, find_last_linear, select, validate_subset
+from laplacefim.structures.eigen import CurvatureEigen, PrecisionEigen
+from laplacefim.subsets import Selection, SubsetSpec, validate_subset
 
 # A full (P, P) curvature is refused above this many parameters (20,000² float32 ≈ 1.6 GB).
 MAX_FULL_PARAMS = 20_000
-
-
-@dataclass(frozen=True)
-class _Fit:
-    """Everything a successful fit produced; swapped in whole so a failed fit changes nothing."""
-
-    selection: Selection
-    last_layer: str | None
-    curvature: BlockDiagonal
-    mean: Tensor
-    loss_stats: Tensor
-    n_data: int
 
 
 def _positive(value: Any, name: str, *, allow_zero: bool) -> Tensor:
@@ -50,20 +60,6 @@ def _positive(value: Any, name: str, *, allow_zero: bool) -> Tensor:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}.")
     return tensor
-
-
-def _unpack(batch: object, index: int) -> tuple[object, Tensor]:
-    if not isinstance(batch, tuple | list) or len(batch) != 2:
-        kind = type(batch).__name__
-        size = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
-        raise TypeError(
-            f"the loader yielded a {kind}{size} as batch {index}; laplacefim expects "
-            "(inputs, targets) pairs, as a TensorDataset in a DataLoader yields."
-        )
-    x, y = batch
-    if not isinstance(y, Tensor):
-        raise TypeError(f"batch {index}: targets must be a tensor, got {type(y).__name__}.")
-    return x, y
 
 
 class Laplace:
@@ -124,17 +120,9 @@ class Laplace:
         self.subset = validate_subset(subset)
         self.structure = parse_option(structure, Structure, "structure")
         self.curvature_kind = parse_option(curvature, CurvatureKind, "curvature")
-        sigma = _positive(sigma_noise, "sigma_noise", allow_zero=False)
-        if self.likelihood is not Likelihood.REGRESSION and not bool((sigma == 1).all()):
-            raise ValueError(
-                f"sigma_noise applies to likelihood='regression' only, got it with "
-                f"likelihood={self.likelihood.value!r}."
-            )
-        if sigma.ndim > 1:
-            raise ValueError(
-                f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}."
-            )
-        self.sigma_noise = sigma
+        self._fit: FitState | None = None
+        self._eigens: list[CurvatureEigen] | None = None
+        self.sigma_noise = sigma_noise
         self.temperature = float(_positive(temperature, "temperature", allow_zero=False))
         if (
             isinstance(fisher_samples, bool)
@@ -153,12 +141,11 @@ class Laplace:
         self.accumulate_dtype = accumulate_dtype
         self.max_full_params = max_full_params
         self.prior_precision = prior_precision
-        self._fit: _Fit | None = None
 
     # ---------------------------------------------------------------- options
     @property
     def prior_precision(self) -> Tensor:
-        """Prior precision: a 0-d tensor or one value per parameter ``(P,)``."""
+        """Prior precision: 0-d, one value per layer ``(L,)`` or per parameter ``(P,)``."""
         return self._prior_precision
 
     @prior_precision.setter
@@ -166,19 +153,36 @@ class Laplace:
         prior = _positive(value, "prior_precision", allow_zero=True)
         if prior.ndim > 1:
             raise ValueError(
-                "prior_precision must be a scalar or a (P,) tensor, "
-                f"got shape {tuple(prior.shape)}."
+                "prior_precision must be a scalar, one value per layer (L,) or per parameter "
+                f"(P,), got shape {tuple(prior.shape)}."
             )
-        fit = getattr(self, "_fit", None)
-        if fit is not None and prior.ndim == 1 and prior.numel() != fit.selection.n_params:
-            raise ValueError(
-                f"prior_precision has {prior.numel()} values but the posterior covers "
-                f"{fit.selection.n_params} parameters."
-            )
+        if self._fit is not None:
+            self._fit.layout.prior_structure(prior)
         self._prior_precision = prior
 
+    @property
+    def sigma_noise(self) -> Tensor:
+        """Observation noise of the regression likelihood: 0-d or one per output ``(K,)``."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        sigma = _positive(value, "sigma_noise", allow_zero=False)
+        if self.likelihood is not Likelihood.REGRESSION and not bool((sigma == 1).all()):
+            raise ValueError(
+                f"sigma_noise applies to likelihood='regression' only, got it with "
+                f"likelihood={self.likelihood.value!r}."
+            )
+        if sigma.ndim > 1:
+            raise ValueError(
+                f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}."
+            )
+        if self._fit is not None:
+            self._scale(sigma)  # raises if the fitted curvature cannot follow this noise
+        self._sigma_noise = sigma
+
     # ---------------------------------------------------------------- fitted state
-    def _fitted(self) -> _Fit:
+    def _fitted(self) -> FitState:
         if self._fit is None:
             raise RuntimeError("this Laplace has not been fitted; call la.fit(train_loader) first.")
         return self._fit
@@ -211,10 +215,35 @@ class Laplace:
     @property
     def log_likelihood(self) -> Tensor:
         """Log-likelihood of the training data at the mean, tempered: ``−Σ nll / T``."""
+        return self._log_likelihood(self.sigma_noise)
+
+    def _log_likelihood(self, sigma: Tensor) -> Tensor:
         fit = self._fitted()
-        likelihood = make_likelihood(self.likelihood, self.sigma_noise)
-        sigma = self.sigma_noise.to(fit.loss_stats)
+        likelihood = make_likelihood(self.likelihood, sigma)
+        sigma = sigma.to(fit.loss_stats)
         return likelihood.log_likelihood(fit.loss_stats, fit.n_data, sigma) / self.temperature
+
+    def _scale(self, sigma: Tensor) -> Tensor:
+        """Factor on the fitted curvature for noise ``sigma``: ``1/T`` times the noise ratio.
+
+        The fitted curvature carries the noise of the fit, ``σ_fit``; a scalar noise
+        rescales it by ``(σ_fit/σ)²`` (GGN, Fisher) or ``(σ_fit/σ)⁴`` (empirical Fisher).
+        """
+        fit = self._fitted()
+        scale = torch.tensor(1.0 / self.temperature, dtype=fit.mean.dtype, device=fit.mean.device)
+        if self.likelihood is not Likelihood.REGRESSION:
+            return scale
+        sigma_fit = fit.sigma_fit.to(device=fit.mean.device)
+        sigma = sigma.to(device=fit.mean.device)
+        if sigma_fit.ndim > 0 or sigma.ndim > 0:
+            if sigma.shape != sigma_fit.shape or not bool((sigma == sigma_fit).all()):
+                raise ValueError(
+                    "a per-output sigma_noise is part of the fitted curvature; refit to change "
+                    "it (only a scalar sigma_noise can change after the fit)."
+                )
+            return scale
+        power = 4 if self.curvature_kind is CurvatureKind.EMPIRICAL_FISHER else 2
+        return scale * (sigma_fit / sigma) ** power
 
     @property
     def curvature(self) -> BlockDiagonal:
@@ -223,14 +252,320 @@ class Laplace:
 
     @property
     def posterior_precision(self) -> PosteriorPrecision:
-        """The posterior precision ``F / T + P₀`` in the fitted structure."""
+        """The posterior precision ``s·F + P₀`` in the fitted structure (``s = 1/T``, times
+        ``(σ_fit/σ)²`` when the regression noise changed after the fit)."""
         fit = self._fitted()
-        prior = self._prior_precision.to(
-            device=fit.mean.device, dtype=fit.curvature.state()[0].dtype
+        dtype = fit.curvature.state()[0].dtype
+        prior = self._prior_precision.to(device=fit.mean.device, dtype=dtype)
+        scale = float(self._scale(self.sigma_noise))
+        return PosteriorPrecision(fit.curvature, scale, fit.layout.per_param(prior))
+
+    # ---------------------------------------------------------------- evidence
+    def _evidence(self) -> Evidence:
+        fit = self._fitted()
+        if self._eigens is None:
+            self._eigens = [block.decompose() for block in fit.curvature.blocks]
+        return Evidence(self._eigens, fit.layout, fit.mean, self._log_likelihood, self._scale)
+
+    def _hyper(self, value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
+        """A prior or noise value for the evidence: kept differentiable, checked > 0."""
+        if value is None:
+            value = default
+        tensor = (
+            value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
         )
-        return PosteriorPrecision(
-            fit.curvature, 1.0 / self.temperature, prior.expand(fit.selection.n_params)
+        fit = self._fitted()
+        tensor = tensor.to(device=fit.mean.device, dtype=fit.mean.dtype)
+        if not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
+            raise ValueError(f"{name} must be finite and > 0 for the evidence, got {value!r}.")
+        return tensor
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: float | Tensor | None = None,
+        sigma_noise: float | Tensor | None = None,
+    ) -> Tensor:
+        """The Laplace evidence ``log p(D|θ*) − ½ θ*ᵀP₀θ* − ½ log(det P / det P₀)``.
+
+        The prior mean is 0 and ``P = s·F + P₀`` the posterior precision. After one
+        decomposition (cached) each evaluation costs O(P) for diagonal and KFAC; it is
+        differentiable in both arguments and never changes the object.
+
+        Args:
+            prior_precision: Prior to evaluate at (0-d, ``(L,)`` or ``(P,)``); the current
+                one if None.
+            sigma_noise: Regression noise to evaluate at; the current one if None.
+
+        Returns:
+            A 0-d tensor.
+
+        Raises:
+            ValueError: For a prior or noise that is not finite and > 0.
+
+        Example:
+            >>> la.log_marginal_likelihood(torch.tensor(2.0, requires_grad=True)).backward()
+        """
+        prior = self._hyper(prior_precision, self._prior_precision, "prior_precision")
+        sigma = self._hyper(sigma_noise, self._sigma_noise, "sigma_noise")
+        return self._evidence()(prior, sigma)
+
+    def tune_prior(
+        self,
+        method: str | TuneMethod = "marglik",
+        prior_structure: str | PriorStructure = "scalar",
+        *,
+        tune_noise: bool = True,
+        val_loader: Iterable[Any] | None = None,
+        grid: Tensor | None = None,
+        tol: float = 1e-10,
+        max_iter: int = 100,
+    ) -> PriorTuning:
+        """Tune the prior precision (and, for regression, the noise) and set them.
+
+        ``method="marglik"`` maximises the log marginal likelihood on the decomposed
+        spectrum: Newton's method on the log-hyperparameters for a ``"scalar"`` prior or a
+        ``"layerwise"`` one (one value per module), stopping when the predicted gain falls
+        below ``tol``; MacKay's fixed point for a ``"diagonal"`` prior (one per parameter;
+        diagonal and full structures only), stopping when the relative change falls below
+        ``tol``. ``method="gridsearch"`` picks the scalar prior in ``grid`` (default
+        ``10⁻⁴ … 10⁴``, 21 values) with the lowest NLL of the GLM probit predictive on
+        ``val_loader``.
+
+        Args:
+            method: ``"marglik"`` or ``"gridsearch"``.
+            prior_structure: ``"scalar"``, ``"layerwise"`` or ``"diagonal"``.
+            tune_noise: For regression, also tune a scalar ``sigma_noise`` (marglik).
+            val_loader: Validation batches, for ``"gridsearch"``.
+            grid: Candidate prior precisions, for ``"gridsearch"``.
+            tol: Convergence tolerance.
+            max_iter: Largest number of iterations.
+
+        Returns:
+            The tuned values, the evidence there, and the iteration count.
+
+        Raises:
+            ValueError: For an unknown option, a diagonal prior with ``structure="kron"``,
+                noise tuning with a per-output noise, or gridsearch without ``val_loader``.
+
+        Example:
+            >>> result = la.tune_prior()
+            >>> result.prior_precision, result.n_iter
+        """
+        return tuning.tune_prior(
+            self,
+            method,
+            prior_structure,
+            tune_noise=tune_noise,
+            val_loader=val_loader,
+            grid=grid,
+            tol=tol,
+            max_iter=max_iter,
         )
+
+    # ---------------------------------------------------------------- posterior
+    def _precisions(self) -> list[PrecisionEigen]:
+        """Decomposed posterior-precision blocks at the current prior and noise."""
+        fit = self._fitted()
+        prior = self._prior_precision.to(fit.mean)
+        blocks = self._evidence().precision(prior, self._sigma_noise.to(fit.mean))
+        bad = sum(int((block.values <= 0).sum()) for block in blocks)
+        if bad:
+            raise ValueError(
+                f"the posterior precision is singular: {bad} of its eigenvalues are <= 0 "
+                f"(prior_precision={self._prior_precision.tolist()}); use a prior precision > 0, "
+                "for example la.prior_precision = 1.0 or la.tune_prior()."
+            )
+        return blocks
+
+    @property
+    def posterior(self) -> TorchDistribution:
+        """The posterior over the flat chosen parameters as a pyro distribution.
+
+        ``structure="full"``: ``MultivariateNormal``; ``"diag"``: ``Normal(...).to_event(1)``;
+        ``"kron"``: a :class:`BlockDiagonalNormal` of Kronecker, dense and diagonal blocks.
+        """
+        fit = self._fitted()
+        blocks = self._precisions()
+        if self.structure is Structure.FULL:
+            return MultivariateNormal(fit.mean, precision_matrix=blocks[0].precision())
+        if self.structure is Structure.DIAG:
+            scale = torch.cat([block.values for block in blocks]).rsqrt()
+            return Normal(fit.mean, scale).to_event(1)
+        return BlockDiagonalNormal(fit.mean, blocks)
+
+    def sample(self, n_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Weight samples from the posterior, ``(n_samples, P)``.
+
+        Args:
+            n_samples: Number of samples.
+            generator: Random generator on the model's device.
+        """
+        fit = self._fitted()
+        blocks = self._precisions()
+        z = torch.randn(
+            (n_samples, fit.mean.numel()),
+            dtype=fit.mean.dtype,
+            device=fit.mean.device,
+            generator=generator,
+        )
+        parts = z.split([block.values.numel() for block in blocks], dim=1)
+        return fit.mean + torch.cat(
+            [block.sample(part) for block, part in zip(blocks, parts, strict=True)], dim=1
+        )
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        fit = self._fitted()
+        if not isinstance(x, Tensor):
+            raise TypeError(f"inputs must be a tensor, got {type(x).__name__}.")
+        if x.device != fit.mean.device:
+            raise ValueError(
+                f"inputs are on {x.device} but the model is on {fit.mean.device}; "
+                f"move them with x.to({str(fit.mean.device)!r})."
+            )
+        if fit.input_shape is not None and tuple(x.shape[1:]) != fit.input_shape:
+            raise ValueError(
+                f"inputs of shape {tuple(x.shape)} do not match the training inputs "
+                f"(B, {', '.join(map(str, fit.input_shape))})."
+            )
+        return x
+
+    def predict(
+        self,
+        x: Tensor,
+        method: str | PredictMethod = "glm",
+        link: str | Link = "probit",
+        n_samples: int = 100,
+        *,
+        generator: torch.Generator | None = None,
+        joint_outputs: bool = False,
+        chunk_size: int = 256,
+    ) -> Prediction:
+        """Predictive distribution at inputs ``x``.
+
+        ``method="glm"`` linearises the model around the mean: the outputs are Gaussian
+        with covariance ``J Σ Jᵀ``, computed per layer from captured inputs and output
+        gradients (no Jacobian except for a full all-weights posterior), and ``link``
+        turns it into probabilities: ``"probit"`` (closed-form approximation), ``"mc"``
+        (``n_samples`` logit samples), ``"bridge"`` (Laplace bridge to a Dirichlet).
+        ``method="nn"`` samples ``n_samples`` weight vectors and runs the network.
+
+        Args:
+            x: Inputs ``(B, ...)`` on the model's device, shaped like the training inputs.
+            method: ``"glm"`` or ``"nn"``.
+            link: ``"probit"``, ``"mc"`` or ``"bridge"`` (classification, GLM only).
+            n_samples: Samples for ``link="mc"`` and ``method="nn"``.
+            generator: Random generator on the model's device.
+            joint_outputs: Also return the output covariance ``(B, C, C)``.
+            chunk_size: Inputs processed at a time (bounds the memory).
+
+        Returns:
+            A :class:`Prediction`.
+
+        Raises:
+            RuntimeError: Before ``fit``.
+            ValueError: For inputs on another device or of another shape than the training
+                inputs, unknown options, or a singular posterior precision.
+
+        Example:
+            >>> probs = la.predict(x_test).probs
+        """
+        method = parse_option(method, PredictMethod, "method")
+        link = parse_option(link, Link, "link")
+        fit = self._fitted()
+        x = self._inputs(x)
+        with eval_mode(self.model):
+            if method is PredictMethod.NN:
+                weights = self.sample(n_samples, generator=generator)
+                outputs = sampled_outputs(
+                    self.model, fit.selection.params, weights, x, chunk_size=chunk_size
+                )
+                return sampled_prediction(
+                    self.likelihood,
+                    outputs.to(fit.mean.dtype),
+                    sigma_noise=self._sigma_noise,
+                    joint_outputs=joint_outputs,
+                )
+            engine = self._engine(fit.selection)
+            mean, cov = glm_moments(engine, fit.curvature.blocks, self._precisions(), x, chunk_size)
+        return gaussian_prediction(
+            self.likelihood,
+            mean,
+            cov,
+            link=link,
+            sigma_noise=self._sigma_noise,
+            n_samples=n_samples,
+            generator=generator,
+            joint_outputs=joint_outputs,
+        )
+
+    def __call__(self, x: Tensor, **options: Any) -> Prediction:
+        """Shorthand for :meth:`predict`."""
+        return self.predict(x, **options)
+
+    def predictive_samples(
+        self,
+        x: Tensor,
+        n_samples: int,
+        *,
+        generator: torch.Generator | None = None,
+        chunk_size: int = 256,
+    ) -> Tensor:
+        """Function samples of the linearised model, ``(S, B, C)`` (or ``(S, B, K)``).
+
+        Each sample uses one weight draw for all inputs, so samples are jointly correct:
+        their covariance across inputs is the GLM's ``J(x) Σ J(x')ᵀ``.
+
+        Args:
+            x: Inputs ``(B, ...)``.
+            n_samples: Number of function samples ``S``.
+            generator: Random generator on the model's device.
+            chunk_size: Inputs processed at a time.
+        """
+        fit = self._fitted()
+        x = self._inputs(x)
+        deltas = self.sample(n_samples, generator=generator) - fit.mean
+        with eval_mode(self.model):
+            return linearised_samples(
+                self.model, fit.selection.names, deltas, x, chunk_size=chunk_size
+            )
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Options, prior, noise and fitted statistics: tensors and plain values, no model."""
+        return persistence.state_dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; it must match this Laplace's options and model.
+
+        Raises:
+            ValueError: For a state of other options, another subset or model shapes.
+        """
+        persistence.load_state_dict(self, state)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""
+        persistence.save(self.state_dict(), path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], model: nn.Module, *, map_location: Any = None
+    ) -> Laplace:
+        """Build a Laplace for ``model`` from a file written by :meth:`save`.
+
+        Args:
+            path: The file.
+            model: The model the state was fitted on (same parameter names and shapes).
+            map_location: As in ``torch.load``, e.g. ``"cpu"``.
+        """
+        state = persistence.load(path, map_location)
+        options = dict(state["options"])
+        fit = state["fit"]
+        subset: SubsetSpec = "all"
+        if fit is not None:
+            subset = "last_layer" if fit["last_layer"] is not None else list(fit["names"])
+        la = cls(model, options.pop("likelihood"), subset=subset, **options)
+        la.load_state_dict(state)
+        return la
 
     # ---------------------------------------------------------------- fit
     def fit(
@@ -259,53 +594,10 @@ class Laplace:
             TypeError: For batches that are not ``(inputs, targets)`` pairs, or targets of the
                 wrong dtype.
         """
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            self._fit = self._run_fit(train_loader, progress, generator)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with eval_mode(self.model):
+            self._fit = run_fit(self, train_loader, progress, generator)
+            self._eigens = None
         return self
-
-    def _run_fit(
-        self, loader: Iterable[Any], progress: bool, generator: torch.Generator | None
-    ) -> _Fit:
-        device = next(self.model.parameters()).device
-        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-        engine: CurvatureEngine | None = None
-        accumulator: BlockDiagonal | None = None
-        selection: Selection | None = None
-        last_layer: str | None = None
-        loss_stats: Tensor | None = None
-        n_data = 0
-        flags: list[Tensor] = []
-        bar = tqdm(loader, total=total, disable=not progress, desc="laplacefim fit", unit="batch")
-        for index, batch in enumerate(bar):
-            x, y = _unpack(batch, index)
-            if isinstance(x, Tensor):
-                x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if engine is None:
-                if self.subset == "last_layer":
-                    last_layer = find_last_linear(self.model, x)
-                selection = select(self.model, self.subset, last_layer)
-                engine = self._engine(selection)
-                accumulator = engine.zeros()
-            try:
-                stats = engine.batch(x, y, generator)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"batch {index}: {error}") from error
-            accumulator.add_(stats.contributions)  # type: ignore[union-attr]
-            loss_stats = stats.loss_stats if loss_stats is None else loss_stats + stats.loss_stats
-            n_data += stats.n_data
-            flags.append(torch.stack([stats.bad_outputs, stats.bad_targets]))
-        if engine is None or accumulator is None or selection is None or loss_stats is None:
-            raise ValueError(
-                "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
-            )
-        self._raise_on_flags(torch.stack(flags))
-        return _Fit(selection, last_layer, accumulator, selection.flat(), loss_stats, n_data)
 
     def _engine(self, selection: Selection) -> CurvatureEngine:
         if self.structure is Structure.FULL and selection.n_params > self.max_full_params:
@@ -314,11 +606,7 @@ class Laplace:
                 f"{selection.n_params}² matrix (limit max_full_params={self.max_full_params}); "
                 "use structure='kron' or 'diag', or subset='last_layer'."
             )
-        if self._prior_precision.ndim == 1 and self._prior_precision.numel() != selection.n_params:
-            raise ValueError(
-                f"prior_precision has {self._prior_precision.numel()} values but the subset "
-                f"covers {selection.n_params} parameters."
-            )
+        layout_of(selection, self.structure).prior_structure(self._prior_precision)
         dtype = self.accumulate_dtype or selection.params[0].dtype
         return CurvatureEngine(
             self.model,
@@ -329,23 +617,6 @@ class Laplace:
             fisher_samples=self.fisher_samples,
             dtype=dtype,
         )
-
-    def _raise_on_flags(self, flags: Tensor) -> None:
-        bad = flags.any(dim=0).tolist()  # one host sync, after the loop
-        if bad[0]:
-            index = int(flags[:, 0].nonzero()[0])
-            raise ValueError(
-                f"the model's outputs in batch {index} contain NaN or inf; check that batch's "
-                "inputs and the model's weights."
-            )
-        if bad[1]:
-            index = int(flags[:, 1].nonzero()[0])
-            expected = {
-                Likelihood.CLASSIFICATION: "class labels in [0, C)",
-                Likelihood.REGRESSION: "finite targets",
-                Likelihood.BINARY: "targets equal to 0 or 1",
-            }[self.likelihood]
-            raise ValueError(f"batch {index} has targets out of range; expected {expected}.")
 
     def __repr__(self) -> str:
         fitted = (

@@ -52,3 +52,33 @@ def parse_option(value: object, enum: type[E], name: str) -> E:
     if isinstance(value, str) and value in valid:
         return enum(value)
     raise ValueError(f"{name}={value!r} is not valid; expected one of {valid}.")
+
+
+class PriorStructure(str, Enum):
+    """How many prior precisions are tuned."""
+
+    SCALAR = "scalar"
+    LAYERWISE = "layerwise"
+    DIAGONAL = "diagonal"
+
+
+class TuneMethod(str, Enum):
+    """How the prior precision is tuned."""
+
+    MARGLIK = "marglik"
+    GRIDSEARCH = "gridsearch"
+
+
+class PredictMethod(str, Enum):
+    """How predictions integrate over the posterior."""
+
+    GLM = "glm"
+    NN = "nn"
+
+
+class Link(str, Enum):
+    """How the GLM's Gaussian over logits becomes class probabilities."""
+
+    PROBIT = "probit"
+    MC = "mc"
+    BRIDGE = "bridge"

@@ -34,6 +34,21 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Backprop:
+    """One forward pass and the gradients of some output columns w.r.t. layer outputs.
+
+    Attributes:
+        outputs: Detached model outputs ``(B, C)``.
+        calls: Recorded layer calls, per module name.
+        grads: Per module name and call, gradients ``(V, *layer output shape)``.
+    """
+
+    outputs: Tensor
+    calls: dict[str, list[Call]]
+    grads: dict[str, list[Tensor]]
+
+
+@dataclass(frozen=True)
 class BatchStats:
     """What one batch adds to a fit.
 
@@ -102,7 +117,7 @@ class CurvatureEngine:
         )
 
     # ---------------------------------------------------------------- layout
-    def _rule_kind(self, slot: Slot) -> str:
+    def rule_kind(self, slot: Slot) -> str:
         module = self.modules[slot.module_name]
         if kron_capable(module) and slot.local in ("weight", "bias"):
             return "embedding" if isinstance(module, nn.Embedding) else "dense_input"
@@ -111,7 +126,7 @@ class CurvatureEngine:
     def zeros(self) -> BlockDiagonal:
         """An empty accumulator laid out for this engine's structure."""
         if self.structure is Structure.FULL:
-            linear = self._single_linear()
+            linear = self.single_linear()
             if linear is not None:
                 d_out, d_aug, weight, bias = linear
                 pairs = self._zeros(d_out * (d_out + 1) // 2, d_aug, d_aug)
@@ -120,7 +135,7 @@ class CurvatureEngine:
             return BlockDiagonal([DenseBlock(self._zeros(n, n))])
         return BlockDiagonal([self._zero_block(slot) for slot in self.slots])
 
-    def _single_linear(self) -> tuple[int, int, bool, bool] | None:
+    def single_linear(self) -> tuple[int, int, bool, bool] | None:
         """``(d_out, d_aug, weight, bias)`` when every chosen parameter is one Linear layer's."""
         if len(self.modules) != 1:
             return None
@@ -136,7 +151,7 @@ class CurvatureEngine:
         return torch.zeros(shape, dtype=self.dtype, device=self.slots[0].param.device)
 
     def _zero_block(self, slot: Slot) -> Block:
-        rule = self._rule_kind(slot)
+        rule = self.rule_kind(slot)
         shape = slot.param.shape
         if self.structure is Structure.DIAG or rule == "generic":
             return DiagBlock(self._zeros(slot.param.numel()))
@@ -152,14 +167,7 @@ class CurvatureEngine:
     # ---------------------------------------------------------------- one batch
     def batch(self, x: object, y: Tensor, generator: torch.Generator | None) -> BatchStats:
         """Run one batch and return its statistics (nothing is accumulated here)."""
-        track_grad = not self._fast
-        with record(self.modules, track_grad=track_grad) as recording:
-            f = self.model(x)
-        if not isinstance(f, Tensor):
-            raise TypeError(
-                f"the model returned {type(f).__name__}; laplacefim needs one output tensor."
-            )
-        f2 = self.likelihood.outputs(f.detach())
+        f, f2, calls = self._forward(x)
         targets = self.likelihood.targets(f2, y)
         cols = columns(
             self.kind,
@@ -169,6 +177,32 @@ class CurvatureEngine:
             fisher_samples=self.fisher_samples,
             generator=generator,
         )
+        grads = self._output_grads(f, cols, calls)
+        contributions = self._contributions(calls, grads)
+        loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
+        bad_outputs = ~torch.isfinite(f2).all()
+        return BatchStats(contributions, loss_stats, f2.shape[0], bad_outputs, targets.invalid)
+
+    def jacobian_rows(self, x: object) -> Backprop:
+        """Gradients of every output ``e_c`` w.r.t. the hooked layers' outputs.
+
+        This is the Jacobian of the outputs, kept per layer as ``(C, B, T, d_out)`` output
+        gradients next to the inputs, never as a ``(B, C, P)`` matrix.
+        """
+        f, f2, calls = self._forward(x)
+        n_out = f2.shape[1]
+        eye = torch.eye(n_out, dtype=f2.dtype, device=f2.device)
+        cols = eye[:, None, :].expand(n_out, f2.shape[0], n_out)
+        return Backprop(f2, calls, self._output_grads(f, cols, calls))
+
+    def _forward(self, x: object) -> tuple[Tensor, Tensor, dict[str, list[Call]]]:
+        with record(self.modules, track_grad=not self._fast) as recording:
+            f = self.model(x)
+        if not isinstance(f, Tensor):
+            raise TypeError(
+                f"the model returned {type(f).__name__}; laplacefim needs one output tensor."
+            )
+        f2 = self.likelihood.outputs(f.detach())
         calls = {name: recording.calls[name] for name in self.modules}
         if self._fast is None:
             only = list(calls.values())
@@ -178,18 +212,14 @@ class CurvatureEngine:
                 and only[0][0].returned is f
                 and isinstance(self.modules[next(iter(calls))], nn.Linear)
             )
-        grads = self._output_grads(f, cols, calls, use_columns=not track_grad or self._fast)
-        contributions = self._contributions(calls, grads)
-        loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
-        bad_outputs = ~torch.isfinite(f2).all()
-        return BatchStats(contributions, loss_stats, f2.shape[0], bad_outputs, targets.invalid)
+        return f, f2, calls
 
     def _output_grads(
-        self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]], *, use_columns: bool
+        self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]]
     ) -> dict[str, list[Tensor]]:
         n_columns = cols.shape[0]
         grad_outputs = cols.reshape(n_columns, *f.shape)
-        if use_columns:  # the hooked layer produced the model's output: g is the columns
+        if self._fast:  # the hooked layer produced the model's output: g is the columns
             return {name: [grad_outputs for _ in cs] for name, cs in calls.items()}
         outputs = [call.output for cs in calls.values() for call in cs]
         if n_columns == 1:
@@ -213,7 +243,7 @@ class CurvatureEngine:
                 result[name].append(g.detach())
         return result
 
-    def _rows(self, module: nn.Module, calls: list[Call], grads: list[Tensor]) -> Rows:
+    def rows(self, module: nn.Module, calls: list[Call], grads: list[Tensor]) -> Rows:
         rule = EMBEDDING if isinstance(module, nn.Embedding) else DENSE_INPUT
         rows = rule.rows(module, calls, grads)
         inputs = rows.inputs if rows.inputs.dtype == torch.long else rows.inputs.to(self.dtype)
@@ -233,14 +263,14 @@ class CurvatureEngine:
             cs, gs = calls[module_name], grads[module_name]
             if not cs:
                 continue
-            generic = [s for s in slots if self._rule_kind(s) == "generic"]
+            generic = [s for s in slots if self.rule_kind(s) == "generic"]
             if generic:
                 per_sample = GENERIC.per_sample(module, [s.local for s in generic], cs, gs)
                 for s in generic:
                     parts[s.name] = [per_sample[s.local].to(self.dtype).square().sum((0, 1))]
-            ruled = [s for s in slots if self._rule_kind(s) != "generic"]
+            ruled = [s for s in slots if self.rule_kind(s) != "generic"]
             if ruled:
-                parts.update(self._ruled_stats(module, ruled, self._rows(module, cs, gs)))
+                parts.update(self._ruled_stats(module, ruled, self.rows(module, cs, gs)))
         out: list[Tensor] = []
         for slot in self.slots:
             out.extend(parts[slot.name] if slot.name in parts else self._zero_block(slot).state())
@@ -267,7 +297,7 @@ class CurvatureEngine:
             parts[s.name] = kron if s.local == "weight" else kron[:1]
         return parts
 
-    def _per_sample(
+    def per_sample(
         self,
         by_module: dict[str, list[Slot]],
         calls: dict[str, list[Call]],
@@ -279,13 +309,13 @@ class CurvatureEngine:
             cs, gs = calls[module_name], grads[module_name]
             if not cs:
                 continue
-            generic = [s for s in slots if self._rule_kind(s) == "generic"]
+            generic = [s for s in slots if self.rule_kind(s) == "generic"]
             if generic:
                 per = GENERIC.per_sample(module, [s.local for s in generic], cs, gs)
                 out.update({s.name: per[s.local].to(self.dtype) for s in generic})
-            ruled = [s for s in slots if self._rule_kind(s) != "generic"]
+            ruled = [s for s in slots if self.rule_kind(s) != "generic"]
             if ruled:
-                rows = self._rows(module, cs, gs)
+                rows = self.rows(module, cs, gs)
                 for s in ruled:
                     if isinstance(module, nn.Embedding):
                         out[s.name] = EMBEDDING.per_sample(rows, module)
@@ -307,13 +337,13 @@ class CurvatureEngine:
         grads: dict[str, list[Tensor]],
     ) -> Tensor:
         """One batch's full block: by output pairs for one Linear layer, else ``JᵀJ``."""
-        linear = self._single_linear()
+        linear = self.single_linear()
         if linear is not None:
             module_name = next(iter(self.modules))
-            rows = self._rows(self.modules[module_name], calls[module_name], grads[module_name])
+            rows = self.rows(self.modules[module_name], calls[module_name], grads[module_name])
             if len(calls[module_name]) == 1 and rows.inputs.shape[1] == 1:
                 return self._linear_pairs(rows, *linear)
-        per_sample = self._per_sample(by_module, calls, grads)
+        per_sample = self.per_sample(by_module, calls, grads)
         jac = torch.cat([per_sample[s.name] for s in self.slots], dim=2)
         jac = jac.reshape(-1, jac.shape[-1])
         dense = jac.T @ jac

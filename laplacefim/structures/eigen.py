@@ -146,6 +146,21 @@ class PrecisionEigen:
         """Map standard normal rows ``(..., p)`` to ``N(0, Σ)`` draws."""
         return self.basis.from_basis(z / self.values.sqrt())
 
+    def covariance_diagonal(self) -> Tensor:
+        """The diagonal of the covariance ``(p,)``, without building it."""
+        inverse = 1.0 / self.values
+        if isinstance(self.basis, IdentityBasis):
+            return inverse
+        if isinstance(self.basis, DenseBasis):
+            return self.basis.q.square() @ inverse
+        m, n = self.basis.shape
+        grid = inverse.reshape(m, n)
+        if self.basis.first is not None:
+            grid = self.basis.first.square() @ grid
+        if self.basis.second is not None:
+            grid = grid @ self.basis.second.square().T
+        return grid.reshape(-1)
+
     def covariance(self) -> Tensor:
         """The dense covariance ``(p, p)`` (small blocks only)."""
         eye = torch.eye(self.values.numel(), dtype=self.values.dtype, device=self.values.device)

@@ -1,0 +1,262 @@
+"""The Laplace log marginal likelihood on a decomposition, and prior / noise tuning.
+
+With each block decomposed once, ``log det(s·F + δ) = Σ log(s·λᵢ + δ)`` for a prior ``δ``
+constant on the block, so the evidence costs O(P) per value of the prior and the noise,
+and is differentiable in both. Tuning maximises it by Newton's method on the logarithms
+of the hyperparameters (a handful of values), or, for one prior per parameter, by MacKay's
+fixed point ``δₚ ← γₚ / θₚ²``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from laplacefim.options import PriorStructure
+from laplacefim.structures.eigen import CurvatureEigen, PrecisionEigen
+
+# Log-hyperparameters are kept in [-LOG_BOUND, LOG_BOUND] (e^±40) during tuning.
+LOG_BOUND = 40.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the flat parameters group into structure blocks and into layers (modules).
+
+    Attributes:
+        block_sizes: Number of parameters of each block, in flat order.
+        layer_of_param: Layer index of every parameter ``(P,)``.
+        n_layers: Number of layers (modules owning chosen parameters).
+    """
+
+    block_sizes: tuple[int, ...]
+    layer_of_param: Tensor
+    n_layers: int
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters ``P``."""
+        return self.layer_of_param.numel()
+
+    def prior_structure(self, prior: Tensor) -> PriorStructure:
+        """Which structure a prior tensor has, from its shape.
+
+        Raises:
+            ValueError: If the shape fits none: ``()``, ``(n_layers,)`` or ``(P,)``.
+        """
+        if prior.ndim == 0:
+            return PriorStructure.SCALAR
+        if prior.ndim == 1 and prior.numel() == self.n_params:
+            return PriorStructure.DIAGONAL
+        if prior.ndim == 1 and prior.numel() == self.n_layers:
+            return PriorStructure.LAYERWISE
+        raise ValueError(
+            f"a prior precision of shape {tuple(prior.shape)} fits neither a scalar, one value "
+            f"per layer ({self.n_layers},) nor one per parameter ({self.n_params},)."
+        )
+
+    def per_param(self, prior: Tensor) -> Tensor:
+        """The prior expanded to every parameter ``(P,)``."""
+        structure = self.prior_structure(prior)
+        if structure is PriorStructure.SCALAR:
+            return prior.expand(self.n_params)
+        if structure is PriorStructure.LAYERWISE:
+            return prior[self.layer_of_param.to(prior.device)]
+        return prior
+
+    def per_block(self, prior: Tensor) -> list[Tensor]:
+        """The prior of each block: 0-d where it is constant on the block, else ``(p,)``."""
+        structure = self.prior_structure(prior)
+        if structure is PriorStructure.SCALAR:
+            return [prior for _ in self.block_sizes]
+        full = self.per_param(prior)
+        blocks = list(full.split(list(self.block_sizes)))
+        if structure is PriorStructure.DIAGONAL:
+            return blocks
+        layers = self.layer_of_param.split(list(self.block_sizes))
+        return [
+            block[0] if bool((layer == layer[0]).all()) else block
+            for block, layer in zip(blocks, layers, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The log marginal likelihood as a function of prior precision and noise.
+
+    Attributes:
+        eigens: Decomposed curvature blocks.
+        layout: Block and layer layout.
+        theta: The mean ``(P,)`` (the prior mean is 0).
+        log_likelihood: Tempered log-likelihood of the data as a function of the noise.
+        scale: The factor on the curvature as a function of the noise.
+    """
+
+    eigens: list[CurvatureEigen]
+    layout: Layout
+    theta: Tensor
+    log_likelihood: Callable[[Tensor], Tensor]
+    scale: Callable[[Tensor], Tensor]
+
+    def precision(self, prior: Tensor, sigma: Tensor) -> list[PrecisionEigen]:
+        """Decomposed posterior-precision blocks for this prior and noise."""
+        scale = self.scale(sigma)
+        priors = self.layout.per_block(prior)
+        return [e.with_prior(scale, p) for e, p in zip(self.eigens, priors, strict=True)]
+
+    def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
+        """``log p(D|θ) − ½ θᵀP₀θ − ½ (log det P − log det P₀)``."""
+        if bool((prior <= 0).any()):
+            raise ValueError("the log marginal likelihood needs a prior precision > 0.")
+        per_param = self.layout.per_param(prior)
+        logdet_posterior = torch.stack([b.logdet() for b in self.precision(prior, sigma)]).sum()
+        logdet_prior = per_param.log().sum()
+        quadratic = (per_param * self.theta.square()).sum()
+        return (
+            self.log_likelihood(sigma) - 0.5 * quadratic - 0.5 * (logdet_posterior - logdet_prior)
+        )
+
+
+@dataclass(frozen=True)
+class PriorTuning:
+    """The result of :meth:`Laplace.tune_prior`.
+
+    Attributes:
+        prior_precision: The tuned prior precision (0-d, ``(n_layers,)`` or ``(P,)``).
+        sigma_noise: The noise after tuning (unchanged unless it was tuned).
+        log_marginal_likelihood: The evidence at the result (marglik), or the best
+            validation NLL's prior evidence (gridsearch).
+        n_iter: Iterations (marglik) or grid points evaluated (gridsearch).
+        converged: Whether the tolerance was reached within ``max_iter``.
+    """
+
+    prior_precision: Tensor
+    sigma_noise: Tensor
+    log_marginal_likelihood: Tensor
+    n_iter: int
+    converged: bool
+
+
+def newton_maximise(
+    objective: Callable[[Tensor], Tensor], x0: Tensor, *, tol: float, max_iter: int
+) -> tuple[Tensor, int, bool]:
+    """Maximise a smooth function of a few variables by Newton's method with backtracking.
+
+    Stops when the Newton decrement ``½ gᵀ(−H)⁻¹g`` (the predicted gain) is below ``tol``.
+    Where ``−H`` is not positive definite, a gradient step is taken instead.
+
+    Returns:
+        The maximiser, the number of iterations, and whether it converged.
+    """
+    x = x0.detach().clone()
+    for iteration in range(1, max_iter + 1):
+        value = objective(x)
+        grad = torch.autograd.functional.jacobian(objective, x)
+        hess = torch.autograd.functional.hessian(objective, x)
+        chol, info = torch.linalg.cholesky_ex(-hess)
+        if int(info) == 0:
+            step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
+        else:
+            step = grad / grad.abs().max().clamp_min(1.0)
+        gain = 0.5 * float(grad @ step)
+        if gain < tol:
+            return x, iteration, True
+        t = 1.0
+        while t > 1e-12:
+            candidate = (x + t * step).clamp(-LOG_BOUND, LOG_BOUND)
+            if float(objective(candidate)) >= float(value):
+                break
+            t /= 2
+        else:
+            return x, iteration, False
+        x = candidate
+    return x, max_iter, False
+
+
+def mackay_diagonal(
+    evidence: Evidence,
+    prior: Tensor,
+    sigma: Tensor,
+    *,
+    tune_noise: bool,
+    tol: float,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, int, bool]:
+    """One prior precision per parameter by MacKay's fixed point ``δ ← γ / θ²``.
+
+    ``γₚ = 1 − δₚ Σₚₚ`` is the well-determinedness of parameter p. The noise, if tuned, is
+    updated by a one-dimensional Newton ascent of the evidence between prior updates.
+
+    Returns:
+        The prior ``(P,)``, the noise, the number of iterations and whether it converged.
+    """
+    theta_sq = evidence.theta.square().clamp_min(torch.finfo(evidence.theta.dtype).tiny)
+    for iteration in range(1, max_iter + 1):
+        blocks = evidence.precision(prior, sigma)
+        variances = torch.cat([block.covariance_diagonal() for block in blocks])
+        gamma = (1.0 - prior * variances).clamp(0.0, 1.0)
+        new_prior = (gamma / theta_sq).clamp(math.exp(-LOG_BOUND), math.exp(LOG_BOUND))
+        new_sigma = sigma
+        if tune_noise:
+
+            def of_noise(log_sigma: Tensor, prior: Tensor = new_prior) -> Tensor:
+                return evidence(prior, log_sigma.exp().reshape(()))
+
+            log_sigma, _, _ = newton_maximise(
+                of_noise, sigma.log().reshape(1), tol=tol, max_iter=50
+            )
+            new_sigma = log_sigma.exp().reshape(sigma.shape)
+        change = max(
+            float(((new_prior - prior) / prior).abs().max()),
+            float(((new_sigma - sigma) / sigma).abs().max()),
+        )
+        prior, sigma = new_prior, new_sigma
+        if change < tol:
+            return prior, sigma, iteration, True
+    return prior, sigma, max_iter, False
+
+
+def tune_marglik(
+    evidence: Evidence,
+    structure: PriorStructure,
+    start: Tensor,
+    sigma: Tensor,
+    *,
+    tune_noise: bool,
+    tol: float,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, int, bool]:
+    """Maximise the evidence over the prior (and the noise), from a scalar starting prior.
+
+    Returns:
+        The prior (0-d, ``(L,)`` or ``(P,)``), the noise, the iteration count and whether
+        it converged.
+    """
+    sizes = {
+        PriorStructure.SCALAR: 1,
+        PriorStructure.LAYERWISE: evidence.layout.n_layers,
+        PriorStructure.DIAGONAL: evidence.layout.n_params,
+    }
+    prior0 = start.expand(sizes[structure]).clone()
+    if structure is PriorStructure.DIAGONAL:
+        return mackay_diagonal(
+            evidence, prior0, sigma, tune_noise=tune_noise, tol=tol, max_iter=max_iter
+        )
+    n_prior = prior0.numel()
+
+    def unpack(x: Tensor) -> tuple[Tensor, Tensor]:
+        prior = x[:n_prior].exp()
+        prior = prior[0] if structure is PriorStructure.SCALAR else prior
+        return prior, (x[n_prior].exp() if tune_noise else sigma)
+
+    def objective(x: Tensor) -> Tensor:
+        return evidence(*unpack(x))
+
+    x0 = torch.cat([prior0.log(), sigma.log().reshape(1)]) if tune_noise else prior0.log()
+    x, n_iter, converged = newton_maximise(objective, x0, tol=tol, max_iter=max_iter)
+    prior, tuned_sigma = unpack(x)
+    return prior, tuned_sigma, n_iter, converged
