@@ -368,10 +368,16 @@ class Laplace:
         fit = self._fitted()
         prior = self._prior_precision.to(fit.mean)
         blocks = self._evidence().precision(prior, self._sigma_noise.to(fit.mean))
-        bad = sum(int((block.values <= 0).sum()) for block in blocks)
+        # With a positive prior every eigenvalue is >= the prior. Where the prior has zeros,
+        # an eigenvalue below P·eps of the largest is zero up to rounding: a null direction.
+        floor = 0.0
+        if not bool((self._prior_precision > 0).all()):
+            largest = max(float(block.values.max()) for block in blocks)
+            floor = fit.mean.numel() * torch.finfo(fit.mean.dtype).eps * largest
+        bad = sum(int((~(block.values > floor)).sum()) for block in blocks)
         if bad:
             raise ValueError(
-                f"the posterior precision is singular: {bad} of its eigenvalues are <= 0 "
+                f"the posterior precision is singular: {bad} of its eigenvalues are zero "
                 f"(prior_precision={self._prior_precision.tolist()}); use a prior precision > 0, "
                 "for example la.prior_precision = 1.0 or la.tune_prior()."
             )

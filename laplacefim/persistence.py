@@ -39,6 +39,7 @@ def state_dict(la: Laplace) -> dict[str, Any]:
     if fit is not None:
         state["fit"] = {
             "names": list(fit.selection.names),
+            "shapes": [list(p.shape) for p in fit.selection.params],
             "last_layer": fit.last_layer,
             "curvature": [t.clone() for t in fit.curvature.state()],
             "mean": fit.mean.clone(),
@@ -81,10 +82,16 @@ def load_state_dict(la: Laplace, state: dict[str, Any]) -> None:
         missing = [name for name in saved["names"] if name not in named]
         if missing:
             raise ValueError(f"the model has no parameters named {missing} from the saved state.")
-        subset = "last_layer" if saved["last_layer"] is not None else la.subset
-        selection = select(la.model, subset, saved["last_layer"])
+        saved_last = saved["last_layer"] is not None
+        if saved_last != (la.subset == "last_layer"):
+            saved_subset = "last_layer" if saved_last else saved["names"]
+            raise _mismatch("subset", saved_subset, la.subset)
+        selection = select(la.model, la.subset, saved["last_layer"])
         if list(selection.names) != saved["names"]:
             raise _mismatch("the parameters", saved["names"], list(selection.names))
+        shapes = [list(p.shape) for p in selection.params]
+        if shapes != saved["shapes"]:
+            raise _mismatch("parameter shapes", saved["shapes"], shapes)
         engine = la._engine(selection)
         curvature = engine.zeros()
         tensors: list[Tensor] = saved["curvature"]

@@ -269,7 +269,7 @@ def linearised_samples(
     x: Tensor,
     *,
     chunk_size: int,
-    sample_chunk: int = 16,
+    sample_chunk: int = 128,
 ) -> Tensor:
     """Function samples ``f(x) + J(x) δₛ`` of the linearised model, ``(S, B, C)``.
 
