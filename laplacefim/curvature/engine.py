@@ -118,6 +118,7 @@ class CurvatureEngine:
 
     # ---------------------------------------------------------------- layout
     def rule_kind(self, slot: Slot) -> str:
+        """``"dense_input"`` (Linear, Conv2d), ``"embedding"`` or ``"generic"`` (torch.func)."""
         module = self.modules[slot.module_name]
         if kron_capable(module) and slot.local in ("weight", "bias"):
             return "embedding" if isinstance(module, nn.Embedding) else "dense_input"
@@ -244,6 +245,7 @@ class CurvatureEngine:
         return result
 
     def rows(self, module: nn.Module, calls: list[Call], grads: list[Tensor]) -> Rows:
+        """A Linear/Conv2d/Embedding layer's inputs and output gradients, in the engine's dtype."""
         rule = EMBEDDING if isinstance(module, nn.Embedding) else DENSE_INPUT
         rows = rule.rows(module, calls, grads)
         inputs = rows.inputs if rows.inputs.dtype == torch.long else rows.inputs.to(self.dtype)
@@ -303,6 +305,11 @@ class CurvatureEngine:
         calls: dict[str, list[Call]],
         grads: dict[str, list[Tensor]],
     ) -> dict[str, Tensor]:
+        """Per-sample, per-column gradients ``(V, B, p)`` of the given slots, by name.
+
+        Used where no contraction exists (the full structure, shared weights, custom
+        modules); slots whose layer did not run get zeros.
+        """
         out: dict[str, Tensor] = {}
         for module_name, slots in by_module.items():
             module = self.modules[module_name]
