@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from laplacefim import persistence, tuning
 from laplacefim.curvature import CurvatureEngine
 from laplacefim.distributions import BlockDiagonalNormal
-from laplacefim.fitting import FitState, eval_mode, layout_of, run_fit
+from laplacefim.fitting import FitState, eval_mode, layout_of, run_fit, unpack
 from laplacefim.likelihoods import make_likelihood
 from laplacefim.marglik import Evidence, PriorTuning
+from laplacefim.optim import NaturalGradient
 from laplacefim.options import (
     CurvatureKind,
     Likelihood,
@@ -121,6 +122,7 @@ class Laplace:
         self.structure = parse_option(structure, Structure, "structure")
         self.curvature_kind = parse_option(curvature, CurvatureKind, "curvature")
         self._fit: FitState | None = None
+        self._stale = False
         self._eigens: list[CurvatureEigen] | None = None
         self.sigma_noise = sigma_noise
         self.temperature = float(_positive(temperature, "temperature", allow_zero=False))
@@ -183,6 +185,11 @@ class Laplace:
 
     # ---------------------------------------------------------------- fitted state
     def _fitted(self) -> FitState:
+        if self._stale:
+            raise RuntimeError(
+                "the model changed in finetune(refit=False), so this posterior is stale; "
+                "call la.fit(train_loader) again."
+            )
         if self._fit is None:
             raise RuntimeError("this Laplace has not been fitted; call la.fit(train_loader) first.")
         return self._fit
@@ -535,6 +542,84 @@ class Laplace:
                 self.model, fit.selection.names, deltas, x, chunk_size=chunk_size
             )
 
+    # ---------------------------------------------------------------- fine-tuning
+    def finetune(
+        self,
+        train_loader: Iterable[Any],
+        *,
+        epochs: int = 1,
+        lr: float = 1.0,
+        refit: bool = True,
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> Laplace:
+        """Natural-gradient fine-tuning of the chosen parameters on the MAP objective.
+
+        Each step minimises the batch-mean negative log-likelihood plus the Gaussian prior
+        ``½ P₀ ‖θ‖² / N``, preconditioned by the curvature (plus prior and damping) of
+        this posterior: the fitted curvature is the starting point of the moving average.
+        Afterwards the posterior is refitted at the new mode, or, with ``refit=False``,
+        marked stale (using it raises until the next ``fit``).
+
+        Args:
+            train_loader: ``(inputs, targets)`` batches.
+            epochs: Passes over the data.
+            lr: Step size of the natural-gradient steps.
+            refit: Refit the posterior at the new mode.
+            generator: Random generator for the MC Fisher statistics.
+            **options: Passed to :class:`~laplacefim.optim.NaturalGradient` (``damping``,
+                ``ema_decay``, ``update_interval``, ``decompose_interval``, ``kl_clip``, ...).
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> la.fit(loader).tune_prior(); la.finetune(loader, epochs=2, lr=0.5)
+        """
+        fit = self._fitted()
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}.")
+        prior = float(fit.layout.per_param(self._prior_precision.to(fit.mean)).mean())
+        curvature = options.pop("curvature", self.curvature_kind)
+        ngd = NaturalGradient(
+            self.model,
+            self.likelihood,
+            n_data=fit.n_data,
+            structure=self.structure,
+            curvature=curvature,
+            subset=list(fit.selection.names),
+            prior_precision=prior,
+            lr=lr,
+            sigma_noise=float(self._sigma_noise.reshape(-1)[0]),
+            **options,
+        )
+        if ngd.curvature_kind is self.curvature_kind:
+            ngd.set_statistics(fit.curvature, fit.n_data)
+        likelihood = make_likelihood(self.likelihood, self._sigma_noise)
+        device = fit.mean.device
+        for _ in range(epochs):
+            for index, batch in enumerate(train_loader):
+                x, y = unpack(batch, index)
+                x = x.to(device) if isinstance(x, Tensor) else x
+                y = y.to(device)
+                for p in fit.selection.params:
+                    p.grad = None
+                f = likelihood.outputs(self.model(x))
+                targets = likelihood.targets(f.detach(), y)
+                stats = likelihood.loss_stats(f, targets.values)
+                nll = (
+                    -likelihood.log_likelihood(stats, f.shape[0], self._sigma_noise.to(f))
+                    / f.shape[0]
+                )
+                theta = torch.cat([p.reshape(-1) for p in fit.selection.params])
+                (nll + 0.5 * prior * theta.square().sum() / fit.n_data).backward()
+                ngd.step(x, y, generator=generator)
+        if refit:
+            self.fit(train_loader, generator=generator)
+        else:
+            self._stale = True
+        return self
+
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """Options, prior, noise and fitted statistics: tensors and plain values, no model."""
@@ -603,6 +688,7 @@ class Laplace:
         with eval_mode(self.model):
             self._fit = run_fit(self, train_loader, progress, generator)
             self._eigens = None
+            self._stale = False
         return self
 
     def _engine(self, selection: Selection) -> CurvatureEngine:
