@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from laplacefim import distributed
 from laplacefim.curvature import CurvatureEngine
 from laplacefim.marglik import Layout
 from laplacefim.options import Likelihood, Structure
@@ -48,72 +49,154 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def unpack(batch: object, index: int) -> tuple[object, Tensor]:
-    """Split a batch into inputs and targets, or raise a TypeError that says what came."""
-    if not isinstance(batch, tuple | list) or len(batch) != 2:
+def unpack(
+    batch: object, index: int, x_key: str | None = None, y_key: str | None = None
+) -> tuple[object, Tensor]:
+    """Split a batch into inputs and targets, or raise a TypeError that says what came.
+
+    A batch is an ``(inputs, targets)`` pair, or a mapping: then ``y_key`` names the
+    targets and ``x_key`` the inputs (without ``x_key`` the model gets the mapping less
+    the targets).
+    """
+    if isinstance(batch, Mapping):
+        if y_key is None:
+            raise TypeError(
+                f"the loader yielded a mapping with keys {sorted(batch)} as batch {index}; "
+                "pass y_key= (and x_key=, unless the model takes the mapping) to fit."
+            )
+        missing = [k for k in (x_key, y_key) if k is not None and k not in batch]
+        if missing:
+            raise ValueError(f"batch {index} has no keys {missing}; its keys are {sorted(batch)}.")
+        x = batch[x_key] if x_key is not None else {k: v for k, v in batch.items() if k != y_key}
+        y = batch[y_key]
+    elif isinstance(batch, tuple | list) and len(batch) == 2:
+        x, y = batch
+    else:
         kind = type(batch).__name__
         size = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
         raise TypeError(
             f"the loader yielded a {kind}{size} as batch {index}; laplacefim expects "
-            "(inputs, targets) pairs, as a TensorDataset in a DataLoader yields."
+            "(inputs, targets) pairs, as a TensorDataset in a DataLoader yields, or mappings "
+            "with x_key= / y_key=."
         )
-    x, y = batch
     if not isinstance(y, Tensor):
         raise TypeError(f"batch {index}: targets must be a tensor, got {type(y).__name__}.")
     return x, y
 
 
-def run_fit(
-    la: Laplace, loader: Iterable[Any], progress: bool, generator: torch.Generator | None
-) -> FitState:
-    """Run the fit loop for ``la``: accumulate the curvature, count the data, check flags."""
+def to_device(x: object, device: torch.device) -> object:
+    """Move a tensor, or the tensors of a mapping, to ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:  # generators, IterableDatasets without __len__
+        return None
+
+
+@dataclass
+class _Sums:
+    """What the loop accumulates on one rank."""
+
+    selection: Selection
+    last_layer: str | None
+    accumulator: BlockDiagonal
+    loss_stats: Tensor
+    n_data: int
+    input_shape: tuple[int, ...] | None
+
+
+def _loop(
+    la: Laplace,
+    loader: Iterable[Any],
+    progress: bool,
+    generator: torch.Generator | None,
+    x_key: str | None,
+    y_key: str | None,
+) -> _Sums:
     device = next(la.model.parameters()).device
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     engine: CurvatureEngine | None = None
-    accumulator: BlockDiagonal | None = None
-    selection: Selection | None = None
-    last_layer: str | None = None
-    loss_stats: Tensor | None = None
-    n_data = 0
+    sums: _Sums | None = None
     flags: list[Tensor] = []
-    input_shape: tuple[int, ...] | None = None
-    bar = tqdm(loader, total=total, disable=not progress, desc="laplacefim fit", unit="batch")
+    bar = tqdm(
+        loader, total=_length(loader), disable=not progress, desc="laplacefim fit", unit="batch"
+    )
     for index, batch in enumerate(bar):
-        x, y = unpack(batch, index)
-        if isinstance(x, Tensor):
-            x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if engine is None:
-            input_shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
-            if la.subset == "last_layer":
-                last_layer = find_last_linear(la.model, x)
+        x, y = unpack(batch, index, x_key, y_key)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        if engine is None or sums is None:
+            last_layer = find_last_linear(la.model, x) if la.subset == "last_layer" else None
             selection = select(la.model, la.subset, last_layer)
             engine = la._engine(selection)
-            accumulator = engine.zeros()
+            shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
+            sums = _Sums(selection, last_layer, engine.zeros(), torch.zeros(()), 0, shape)
         try:
             stats = engine.batch(x, y, generator)
         except (ValueError, TypeError) as error:
             raise type(error)(f"batch {index}: {error}") from error
-        accumulator.add_(stats.contributions)  # type: ignore[union-attr]
-        loss_stats = stats.loss_stats if loss_stats is None else loss_stats + stats.loss_stats
-        n_data += stats.n_data
+        sums.accumulator.add_(stats.contributions)
+        sums.loss_stats = stats.loss_stats + (sums.loss_stats if sums.n_data else 0)
+        sums.n_data += stats.n_data
         flags.append(torch.stack([stats.bad_outputs, stats.bad_targets]))
-    if engine is None or accumulator is None or selection is None or loss_stats is None:
+    if sums is None:
         raise ValueError(
             "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
         )
     raise_on_flags(torch.stack(flags), la.likelihood)
-    layout = layout_of(selection, la.structure)
+    return sums
+
+
+def run_fit(
+    la: Laplace,
+    loader: Iterable[Any],
+    progress: bool,
+    generator: torch.Generator | None,
+    *,
+    group: distributed.Group = None,
+    x_key: str | None = None,
+    y_key: str | None = None,
+) -> FitState:
+    """Run the fit loop for ``la``: accumulate, check, and sum across ranks if distributed.
+
+    With a process group, every rank fits its own shard, then all ranks exchange a status
+    (so a failure on one rank raises on all) and sum their statistics in one bucketed
+    all-reduce; each rank ends with the same posterior.
+    """
+    error: Exception | None = None
+    sums: _Sums | None = None
+    progress = progress and distributed.rank(group) == 0
+    try:
+        sums = _loop(la, loader, progress, generator, x_key, y_key)
+    except Exception as caught:  # re-raised below, after the other ranks have heard of it
+        error = caught
+    device = next(la.model.parameters()).device
+    n_failed, n_data = distributed.exchange_status(
+        error is not None, 0 if sums is None else sums.n_data, device, group
+    )
+    if error is not None:
+        raise error
+    if n_failed or sums is None:
+        raise RuntimeError(
+            f"{n_failed} other rank(s) failed during fit (see their errors); this rank's "
+            "statistics were not used and the Laplace is unchanged."
+        )
+    distributed.all_reduce_([*sums.accumulator.state(), sums.loss_stats], group)
     return FitState(
-        selection,
-        last_layer,
-        accumulator,
-        selection.flat(),
-        loss_stats,
+        sums.selection,
+        sums.last_layer,
+        sums.accumulator,
+        sums.selection.flat(),
+        sums.loss_stats,
         n_data,
         la.sigma_noise.clone(),
-        layout,
-        input_shape,
+        layout_of(sums.selection, la.structure),
+        sums.input_shape,
     )
 
 

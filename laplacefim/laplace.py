@@ -10,7 +10,7 @@ import torch
 from pyro.distributions import MultivariateNormal, Normal, TorchDistribution
 from torch import Tensor, nn
 
-from laplacefim import persistence, tuning
+from laplacefim import distributed, persistence, tuning
 from laplacefim.curvature import CurvatureEngine
 from laplacefim.distributions import BlockDiagonalNormal
 from laplacefim.fitting import FitState, eval_mode, layout_of, run_fit, unpack
@@ -665,16 +665,28 @@ class Laplace:
         *,
         progress: bool = False,
         generator: torch.Generator | None = None,
+        group: distributed.Group = None,
+        x_key: str | None = None,
+        y_key: str | None = None,
     ) -> Laplace:
         """Accumulate the curvature over the data, replacing any earlier fit.
 
         The model runs in eval mode during the fit (each module's mode is restored after).
-        If anything fails, the object is left exactly as it was.
+        If anything fails, the object is left exactly as it was. When a
+        ``torch.distributed`` process group is initialised, each rank fits the batches its
+        loader yields (e.g. with a ``DistributedSampler``) and the sums are all-reduced, so
+        every rank ends with the posterior of the whole data; a failure on one rank raises
+        on every rank.
 
         Args:
-            train_loader: Iterable of ``(inputs, targets)`` batches, such as a DataLoader.
-            progress: Show a progress bar.
+            train_loader: Iterable of ``(inputs, targets)`` batches (a DataLoader, also over
+                an IterableDataset without ``len``, or any generator), or of mappings.
+            progress: Show a progress bar (on rank 0).
             generator: Random generator for ``curvature="fisher"``, on the model's device.
+            group: Process group to reduce over; the default group if None.
+            x_key: For mapping batches, the key of the inputs (without it the model gets
+                the mapping less ``y_key``).
+            y_key: For mapping batches, the key of the targets.
 
         Returns:
             ``self``.
@@ -686,7 +698,9 @@ class Laplace:
                 wrong dtype.
         """
         with eval_mode(self.model):
-            self._fit = run_fit(self, train_loader, progress, generator)
+            self._fit = run_fit(
+                self, train_loader, progress, generator, group=group, x_key=x_key, y_key=y_key
+            )
             self._eigens = None
             self._stale = False
         return self

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from laplacefim import distributed
 from laplacefim.curvature import CurvatureEngine
 from laplacefim.likelihoods import make_likelihood
 from laplacefim.options import CurvatureKind, Likelihood, Structure, parse_option
@@ -95,6 +96,8 @@ class NaturalGradient:
             for non-finite gradients.
         sigma_noise: Regression noise.
         fisher_samples: Labels drawn per datum for ``curvature="fisher"``.
+        group: With ``torch.distributed`` initialised, each batch's statistics are summed
+            over the ranks of this group (the default group if None) before averaging.
 
     Raises:
         ValueError: For an unknown option, negative hyperparameters, or parameters missing
@@ -126,6 +129,7 @@ class NaturalGradient:
         nonfinite: str = "skip",
         sigma_noise: float = 1.0,
         fisher_samples: int = 1,
+        group: distributed.Group = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -162,6 +166,7 @@ class NaturalGradient:
         self.update_interval = update_interval
         self.decompose_interval = decompose_interval
         self.nonfinite = nonfinite
+        self.group = group
         self.engine = CurvatureEngine(
             model,
             self.selection,
@@ -222,7 +227,12 @@ class NaturalGradient:
             stats = self.engine.batch(x, y, generator)
         finally:
             self.model.train(was_training)
-        batch = self.engine.zeros().add_(stats.contributions).scale_(1.0 / stats.n_data)
+        batch = self.engine.zeros().add_(stats.contributions)
+        _, n_data = distributed.exchange_status(
+            False, stats.n_data, batch.state()[0].device, self.group
+        )
+        distributed.all_reduce_(batch.state(), self.group)
+        batch.scale_(1.0 / n_data)
         if not all(bool(torch.isfinite(t).all()) for t in batch.state()):
             return False
         if self.statistics is None:
