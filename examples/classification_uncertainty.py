@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from quickstart import accuracy, digits_loaders, make_mlp, train
 
 from laplacefim import Laplace
-from quickstart import accuracy, digits_loaders, make_mlp, train
 
 
 def nll_and_confidence(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -58,12 +57,16 @@ def main() -> None:
     for name, (clean, noisy) in rows.items():
         clean_nll, clean_conf = nll_and_confidence(clean, y_test)
         noisy_nll, noisy_conf = nll_and_confidence(noisy, y_test)
-        print(f"{name:>20} {clean_nll:10.3f} {clean_conf:10.3f} {noisy_nll:10.3f} {noisy_conf:10.3f}")
+        print(
+            f"{name:>20} {clean_nll:10.3f} {clean_conf:10.3f} {noisy_nll:10.3f} {noisy_conf:10.3f}"
+        )
 
     # Function samples share one weight draw across inputs: correlated where they should be.
     samples = la.predictive_samples(x_test[:4], 1000, generator=torch.Generator().manual_seed(2))
-    print(f"\nfunction samples {tuple(samples.shape)}; logit std of input 0: "
-          f"{samples[:, 0].std(0).numpy().round(2)}")
+    print(
+        f"\nfunction samples {tuple(samples.shape)}; logit std of input 0: "
+        f"{samples[:, 0].std(0).numpy().round(2)}"
+    )
     weights = la.sample(5, generator=torch.Generator().manual_seed(3))
     print(f"weight samples {tuple(weights.shape)}; posterior is {type(la.posterior).__name__}")
 
@@ -72,7 +75,10 @@ def main() -> None:
         la.save(path)
         restored = Laplace.load(path, model)
         same = torch.equal(restored(x_test).probs, la(x_test).probs)
-        print(f"saved to {path.name} ({path.stat().st_size / 1e6:.2f} MB); reloaded predictions identical: {same}")
+        print(
+            f"saved to {path.name} ({path.stat().st_size / 1e6:.2f} MB); "
+            f"reloaded predictions identical: {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def run_fit(
     generator: torch.Generator | None,
     *,
     group: distributed.Group = None,
+    reduce: bool = True,
     x_key: str | None = None,
     y_key: str | None = None,
 ) -> FitState:
@@ -170,11 +171,16 @@ def run_fit(
     """
     error: Exception | None = None
     sums: _Sums | None = None
-    progress = progress and distributed.rank(group) == 0
+    reduce = reduce and distributed.active(group)
+    progress = progress and (not reduce or distributed.rank(group) == 0)
     try:
         sums = _loop(la, loader, progress, generator, x_key, y_key)
     except Exception as caught:  # re-raised below, after the other ranks have heard of it
         error = caught
+    if not reduce:
+        if error is not None or sums is None:
+            raise error or RuntimeError("the fit loop returned nothing")
+        return _state(la, sums, sums.n_data)
     device = next(la.model.parameters()).device
     n_failed, n_data = distributed.exchange_status(
         error is not None, 0 if sums is None else sums.n_data, device, group
@@ -187,6 +193,10 @@ def run_fit(
             "statistics were not used and the Laplace is unchanged."
         )
     distributed.all_reduce_([*sums.accumulator.state(), sums.loss_stats], group)
+    return _state(la, sums, n_data)
+
+
+def _state(la: Laplace, sums: _Sums, n_data: int) -> FitState:
     return FitState(
         sums.selection,
         sums.last_layer,

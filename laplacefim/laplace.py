@@ -666,6 +666,7 @@ class Laplace:
         progress: bool = False,
         generator: torch.Generator | None = None,
         group: distributed.Group = None,
+        reduce: bool = True,
         x_key: str | None = None,
         y_key: str | None = None,
     ) -> Laplace:
@@ -684,6 +685,8 @@ class Laplace:
             progress: Show a progress bar (on rank 0).
             generator: Random generator for ``curvature="fisher"``, on the model's device.
             group: Process group to reduce over; the default group if None.
+            reduce: Sum the statistics across ranks when a process group is initialised;
+                False fits this rank's data alone (and runs no collective).
             x_key: For mapping batches, the key of the inputs (without it the model gets
                 the mapping less ``y_key``).
             y_key: For mapping batches, the key of the targets.
@@ -699,7 +702,14 @@ class Laplace:
         """
         with eval_mode(self.model):
             self._fit = run_fit(
-                self, train_loader, progress, generator, group=group, x_key=x_key, y_key=y_key
+                self,
+                train_loader,
+                progress,
+                generator,
+                group=group,
+                reduce=reduce,
+                x_key=x_key,
+                y_key=y_key,
             )
             self._eigens = None
             self._stale = False
