@@ -97,7 +97,7 @@ class DenseInputRule:
     def kron(self, rows: Rows) -> list[Tensor]:
         """State ``[G, A, count]`` of the weight's Kronecker block ``(G ⊗ A) / count``."""
         a = rows.inputs.reshape(-1, rows.inputs.shape[-1])
-        count = torch.tensor(float(a.shape[0]), dtype=a.dtype, device=a.device)
+        count = a.new_full((), float(a.shape[0]))  # a fill kernel, not a host-to-device copy
         return [self.output_factor(rows), a.T @ a, count]
 
     def per_sample(self, rows: Rows, local: str) -> Tensor:
@@ -149,7 +149,7 @@ class EmbeddingRule:
         if module.padding_idx is not None:
             counts[module.padding_idx] = 0
         flat = g.reshape(-1, g.shape[-1])
-        count = torch.tensor(float(tokens.numel()), dtype=g.dtype, device=g.device)
+        count = g.new_full((), float(tokens.numel()))
         return [counts, flat.T @ flat, count]
 
     def per_sample(self, rows: Rows, module: nn.Embedding) -> Tensor:
