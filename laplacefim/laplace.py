@@ -548,7 +548,7 @@ class Laplace:
         train_loader: Iterable[Any],
         *,
         epochs: int = 1,
-        lr: float = 1.0,
+        lr: float = 0.3,
         refit: bool = True,
         generator: torch.Generator | None = None,
         **options: Any,
@@ -568,7 +568,8 @@ class Laplace:
             refit: Refit the posterior at the new mode.
             generator: Random generator for the MC Fisher statistics.
             **options: Passed to :class:`~laplacefim.optim.NaturalGradient` (``damping``,
-                ``ema_decay``, ``update_interval``, ``decompose_interval``, ``kl_clip``, ...).
+                ``ema_decay``, ``update_interval``, ``decompose_interval``, ...);
+                ``kl_clip`` defaults to 1e-3 here (unclipped steps of size 1 can diverge).
 
         Returns:
             ``self``.
@@ -581,6 +582,7 @@ class Laplace:
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}.")
         prior = float(fit.layout.per_param(self._prior_precision.to(fit.mean)).mean())
         curvature = options.pop("curvature", self.curvature_kind)
+        options.setdefault("kl_clip", 1e-3)
         ngd = NaturalGradient(
             self.model,
             self.likelihood,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from laplacefim import distributed
 from laplacefim.curvature import CurvatureEngine
+from laplacefim.fitting import eval_mode
 from laplacefim.likelihoods import make_likelihood
 from laplacefim.options import CurvatureKind, Likelihood, Structure, parse_option
 from laplacefim.structures import BlockDiagonal
@@ -189,6 +190,7 @@ class NaturalGradient:
                     "them to the optimizer, or choose a subset it covers."
                 )
         self.statistics: BlockDiagonal | None = None
+        self._decomposed: BlockDiagonal | None = None  # the statistics the step now uses
         self._eigens: list[CurvatureEigen] | None = None
         self.n_steps = 0
         self.n_updates = 0
@@ -221,34 +223,32 @@ class NaturalGradient:
         Returns:
             False if the batch's statistics were not finite (they are then ignored).
         """
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             stats = self.engine.batch(x, y, generator)
-        finally:
-            self.model.train(was_training)
         batch = self.engine.zeros().add_(stats.contributions)
         _, n_data = distributed.exchange_status(
             False, stats.n_data, batch.state()[0].device, self.group
         )
         distributed.all_reduce_(batch.state(), self.group)
-        batch.scale_(1.0 / n_data)
-        if not all(bool(torch.isfinite(t).all()) for t in batch.state()):
+        finite = torch.stack([torch.isfinite(t).all() for t in batch.state()]).all()
+        if not bool(finite):  # one host sync per update
             return False
         if self.statistics is None:
-            self.statistics = batch
+            self.statistics = batch.scale_(1.0 / n_data)
         else:
             decay = _value(self.ema_decay, self.n_steps)
-            self.statistics.scale_(decay).add_([(1.0 - decay) * t for t in batch.state()])
+            self.statistics.scale_(decay).add_(batch.scale_((1.0 - decay) / n_data).state())
         self.n_updates += 1
         return True
 
-    def _decompose(self) -> None:
-        if self.statistics is None:
+    def _decompose(self, statistics: BlockDiagonal | None = None) -> None:
+        statistics = statistics or self.statistics
+        if statistics is None:
             raise RuntimeError(
                 "no curvature statistics yet; call update_statistics or precondition first."
             )
-        self._eigens = [block.decompose() for block in self.statistics.blocks]
+        self._decomposed = statistics.clone()
+        self._eigens = [block.decompose() for block in statistics.blocks]
 
     # ---------------------------------------------------------------- steps
     def _flat_grad(self) -> Tensor:
@@ -343,6 +343,9 @@ class NaturalGradient:
             "statistics": None
             if self.statistics is None
             else [t.clone() for t in self.statistics.state()],
+            "decomposed": None
+            if self._decomposed is None
+            else [t.clone() for t in self._decomposed.state()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,15 +364,22 @@ class NaturalGradient:
                     f"the state was made for {key}={state[key]!r}; this preconditioner "
                     f"has {here!r}."
                 )
-        statistics = None
-        if state["statistics"] is not None:
-            statistics = self.engine.zeros()
-            zeros = statistics.state()
-            if any(
-                a.shape != b.shape for a, b in zip(state["statistics"], zeros, strict=True)
-            ) or len(zeros) != len(state["statistics"]):
-                raise ValueError("the saved statistics do not fit this model's parameters.")
-            for target, value in zip(zeros, state["statistics"], strict=True):
-                target.copy_(value)
-        self.statistics, self._eigens = statistics, None
+        statistics = self._restore(state["statistics"])
+        decomposed = self._restore(state.get("decomposed"))
+        self.statistics, self._decomposed, self._eigens = statistics, None, None
+        if decomposed is not None:
+            self._decompose(decomposed)  # the step goes on with the same decomposition
         self.n_steps, self.n_updates = int(state["n_steps"]), int(state["n_updates"])
+
+    def _restore(self, tensors: list[Tensor] | None) -> BlockDiagonal | None:
+        if tensors is None:
+            return None
+        blocks = self.engine.zeros()
+        zeros = blocks.state()
+        if len(zeros) != len(tensors) or any(
+            a.shape != b.shape for a, b in zip(tensors, zeros, strict=True)
+        ):
+            raise ValueError("the saved statistics do not fit this model's parameters.")
+        for target, value in zip(zeros, tensors, strict=True):
+            target.copy_(value)
+        return blocks

@@ -13,7 +13,7 @@ from laplacefim.structures.eigen import CurvatureEigen, DenseBasis, symmetric_ei
 def decompose_dense(matrix: Tensor) -> CurvatureEigen:
     """Eigen-decomposition of a dense PSD block, keeping the matrix for varying priors."""
     values, vectors = symmetric_eigh(matrix)
-    return CurvatureEigen(values, DenseBasis(vectors), matrix)
+    return CurvatureEigen(values, DenseBasis(vectors), matrix.clone())
 
 
 @dataclass

@@ -38,5 +38,5 @@ class DiagBlock:
         return self.diag
 
     def decompose(self) -> CurvatureEigen:
-        """Eigen-decomposition: the entries themselves, in the standard basis."""
-        return CurvatureEigen(self.diag, IdentityBasis(self.numel))
+        """Eigen-decomposition: (a copy of) the entries, in the standard basis."""
+        return CurvatureEigen(self.diag.clone(), IdentityBasis(self.numel))
