@@ -227,8 +227,8 @@ class Laplace:
     def _log_likelihood(self, sigma: Tensor) -> Tensor:
         fit = self._fitted()
         likelihood = make_likelihood(self.likelihood, sigma)
-        sigma = sigma.to(fit.loss_stats)
-        return likelihood.log_likelihood(fit.loss_stats, fit.n_data, sigma) / self.temperature
+        stats = fit.loss_stats.to(torch.float64)
+        return likelihood.log_likelihood(stats, fit.n_data, sigma.to(stats)) / self.temperature
 
     def _scale(self, sigma: Tensor) -> Tensor:
         """Factor on the fitted curvature for noise ``sigma``: ``1/T`` times the noise ratio.
@@ -237,7 +237,7 @@ class Laplace:
         rescales it by ``(σ_fit/σ)²`` (GGN, Fisher) or ``(σ_fit/σ)⁴`` (empirical Fisher).
         """
         fit = self._fitted()
-        scale = torch.tensor(1.0 / self.temperature, dtype=fit.mean.dtype, device=fit.mean.device)
+        scale = torch.tensor(1.0 / self.temperature, dtype=torch.float64, device=fit.mean.device)
         if self.likelihood is not Likelihood.REGRESSION:
             return scale
         sigma_fit = fit.sigma_fit.to(device=fit.mean.device)
@@ -272,7 +272,10 @@ class Laplace:
         fit = self._fitted()
         if self._eigens is None:
             self._eigens = [block.decompose() for block in fit.curvature.blocks]
-        return Evidence(self._eigens, fit.layout, fit.mean, self._log_likelihood, self._scale)
+        # The evidence is summed in float64 whatever the model's dtype: tuning compares values
+        # of order N to a tolerance far below float32's resolution there.
+        theta = fit.mean.to(torch.float64)
+        return Evidence(self._eigens, fit.layout, theta, self._log_likelihood, self._scale)
 
     def _hyper(self, value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
         """A prior or noise value for the evidence: kept differentiable, checked > 0."""
@@ -282,7 +285,7 @@ class Laplace:
             value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
         )
         fit = self._fitted()
-        tensor = tensor.to(device=fit.mean.device, dtype=fit.mean.dtype)
+        tensor = tensor.to(device=fit.mean.device, dtype=torch.float64)
         if not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
             raise ValueError(f"{name} must be finite and > 0 for the evidence, got {value!r}.")
         return tensor
@@ -373,8 +376,10 @@ class Laplace:
     def _precisions(self) -> list[PrecisionEigen]:
         """Decomposed posterior-precision blocks at the current prior and noise."""
         fit = self._fitted()
-        prior = self._prior_precision.to(fit.mean)
-        blocks = self._evidence().precision(prior, self._sigma_noise.to(fit.mean))
+        prior = self._prior_precision.to(device=fit.mean.device, dtype=torch.float64)
+        sigma = self._sigma_noise.to(device=fit.mean.device, dtype=torch.float64)
+        dtype = fit.curvature.state()[0].dtype
+        blocks = [block.to(dtype) for block in self._evidence().precision(prior, sigma)]
         # With a positive prior every eigenvalue is >= the prior. Where the prior has zeros,
         # an eigenvalue below P·eps of the largest is zero up to rounding: a null direction.
         floor = 0.0

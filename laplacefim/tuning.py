@@ -53,7 +53,7 @@ def tune_prior(
             "noise tuning needs a scalar sigma_noise (a per-output noise is part of the "
             "fitted curvature); pass tune_noise=False or refit with a scalar."
         )
-    dtype, device = fit.mean.dtype, fit.mean.device
+    dtype, device = torch.float64, fit.mean.device
     start = fit.layout.per_param(la._prior_precision.to(dtype=dtype, device=device)).mean()
     prior, sigma, n_iter, converged = tune_marglik(
         la._evidence(),
@@ -68,7 +68,7 @@ def tune_prior(
         warnings.warn(
             f"tune_prior did not converge in {max_iter} iterations; raise max_iter or tol.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     la.prior_precision = prior.detach()
     if tune_noise:

@@ -328,11 +328,12 @@ class CurvatureEngine:
                         out[s.name] = EMBEDDING.per_sample(rows, module)
                     else:
                         out[s.name] = DENSE_INPUT.per_sample(rows, s.local)
-        if len(out) < len(self.slots):  # layers not run in this batch contribute zeros
+        wanted = [s for slots in by_module.values() for s in slots]
+        if len(out) < len(wanted):  # layers not run in this batch contribute zeros
             some = next(iter(out.values()), None)
             if some is None:
                 raise ValueError("none of the chosen parameters' layers ran in the forward pass.")
-            for s in self.slots:
+            for s in wanted:
                 if s.name not in out:
                     out[s.name] = some.new_zeros(*some.shape[:2], s.param.numel())
         return out

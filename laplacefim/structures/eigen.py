@@ -111,10 +111,14 @@ class CurvatureEigen:
         Raises:
             ValueError: If a per-parameter prior meets a Kronecker block.
         """
+        # Computed in the prior's dtype (the evidence passes float64): a 0-d prior alone
+        # would not promote float32 eigenvalues, and their log-sum must not lose digits.
+        eigenvalues = self.eigenvalues.to(prior.dtype)
         if prior.ndim == 0 or isinstance(self.basis, IdentityBasis):
-            return PrecisionEigen(scale * self.eigenvalues + prior, self.basis)
+            return PrecisionEigen(scale * eigenvalues + prior, self.basis)
         if self.matrix is not None:
-            values, vectors = torch.linalg.eigh(scale * self.matrix + torch.diag(prior))
+            matrix = self.matrix.to(prior.dtype)
+            values, vectors = torch.linalg.eigh(scale * matrix + torch.diag(prior))
             return PrecisionEigen(values, DenseBasis(vectors))
         raise ValueError(
             "a prior precision that varies within a Kronecker-factored block cannot be "
@@ -129,6 +133,17 @@ class PrecisionEigen:
 
     values: Tensor
     basis: Basis
+
+    def to(self, dtype: torch.dtype) -> PrecisionEigen:
+        """The same block with its eigenvalues and basis in ``dtype``."""
+        basis: Basis = self.basis
+        if isinstance(basis, DenseBasis):
+            basis = DenseBasis(basis.q.to(dtype))
+        elif isinstance(basis, KronBasis):
+            first = None if basis.first is None else basis.first.to(dtype)
+            second = None if basis.second is None else basis.second.to(dtype)
+            basis = KronBasis(first, second, basis.shape)
+        return PrecisionEigen(self.values.to(dtype), basis)
 
     def logdet(self) -> Tensor:
         """``log det`` of the precision block."""
