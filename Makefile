@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench demo-time clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/laplacefim demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
@@ -25,6 +25,9 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check laplacefim tests examples benchmarks
 	$(BIN)/mypy
+
+demo-time: $(VENV)/.installed
+	$(BIN)/python benchmarks/demo_time.py
 
 bench:
 	bash benchmarks/setup_bench_env.sh
