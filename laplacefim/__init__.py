@@ -5,9 +5,12 @@ with full, diagonal and Kronecker-factored structures over all weights, the last
 any subset; prior tuning by marginal likelihood; linearised and sampling predictives.
 """
 
+from laplacefim import geometry, metrics
 from laplacefim.distributions import BlockDiagonalNormal
 from laplacefim.laplace import Laplace
 from laplacefim.marglik import PriorTuning
+from laplacefim.monitor import FisherMonitor, MonitorRecord
+from laplacefim.optim import NaturalGradient
 from laplacefim.options import (
     CurvatureKind,
     Likelihood,
@@ -23,9 +26,12 @@ from laplacefim.predictive import Prediction
 __all__ = [
     "BlockDiagonalNormal",
     "CurvatureKind",
+    "FisherMonitor",
     "Laplace",
     "Likelihood",
     "Link",
+    "MonitorRecord",
+    "NaturalGradient",
     "PosteriorPrecision",
     "PredictMethod",
     "Prediction",
@@ -33,5 +39,7 @@ __all__ = [
     "PriorTuning",
     "Structure",
     "TuneMethod",
+    "geometry",
+    "metrics",
 ]
 __version__ = "0.1.0"

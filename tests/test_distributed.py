@@ -49,7 +49,9 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, init_file: str, out_dir: str, fail_rank: int | None) -> None:
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD
+        )
         torch.set_num_threads(1)
         x, y = _data()
         shard = slice(rank * 7, (rank + 1) * 7)
@@ -61,10 +63,12 @@ def _worker(rank: int, init_file: str, out_dir: str, fail_rank: int | None) -> N
         results = {}
         for case in CASES if fail_rank is None else CASES[:1]:
             subset, structure, curvature = case
-            la = Laplace(_model(), "classification", subset=subset, structure=structure, curvature=curvature)
+            la = Laplace(
+                _model(), "classification", subset=subset, structure=structure, curvature=curvature
+            )
             try:
                 la.fit(loader)
-            except Exception as error:  # noqa: BLE001 - reported to the test process
+            except Exception as error:  # reported to the test process
                 results[case] = f"{type(error).__name__}: {error}"
                 continue
             results[case] = (la.posterior_precision.to_dense(), la.n_data, la.log_likelihood)
@@ -89,13 +93,17 @@ def test_two_rank_fit_equals_single_process_fit() -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=5)
     for case in CASES:
         subset, structure, curvature = case
-        la = Laplace(_model(), "classification", subset=subset, structure=structure, curvature=curvature)
+        la = Laplace(
+            _model(), "classification", subset=subset, structure=structure, curvature=curvature
+        )
         la.fit(loader)
         expected = la.posterior_precision.to_dense()
         for rank, results in enumerate(per_rank):
             dense, n_data, log_likelihood = results[case]
             assert n_data == 14, (case, rank)
-            torch.testing.assert_close(dense, expected, rtol=1e-12, atol=1e-12, msg=f"{case} rank {rank}")
+            torch.testing.assert_close(
+                dense, expected, rtol=1e-12, atol=1e-12, msg=f"{case} rank {rank}"
+            )
             torch.testing.assert_close(log_likelihood, la.log_likelihood, rtol=1e-12, atol=1e-12)
 
 
