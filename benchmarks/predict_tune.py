@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _workloads import build_model, load_digits_split, make_fit_data, train  # noqa: E402
+from _workloads import build_model, load_digits_split, make_fit_data, train
 
-from laplacefim import Laplace  # noqa: E402
+from laplacefim import Laplace
 
 CONFIGS = [
     ("last_layer", "diag"),
@@ -120,8 +120,8 @@ def run(workload: str, quick: bool) -> None:
     loader = DataLoader(TensorDataset(X, y), batch_size=128)
     x_test = X_test.reshape(shape)
     print(f"\n== {workload}: fit on {len(y)} rows, predict {len(y_test)} held-out digits")
-    header = f"{'subset':>10} {'struct':>6} {'lib':>8} {'fit s':>7} {'tune s':>7} {'pred s':>7} {'total':>7} {'prior':>8} {'iters':>5} {'log ML':>10} {'NLL':>6} {'acc':>6}"
-    print(header)
+    names = ("fit s", "tune s", "pred s", "total", "prior", "iters", "log ML", "NLL", "acc")
+    print(f"{'subset':>10} {'struct':>6} {'lib':>8} " + " ".join(f"{n:>8}" for n in names))
     for subset, structure in CONFIGS[:2] if quick else CONFIGS:
         rows = {"ours": ours(model, loader, x_test, y_test, subset, structure)}
         try:
@@ -132,9 +132,13 @@ def run(workload: str, quick: bool) -> None:
             )
         for lib, r in rows.items():
             total = r["fit"] + r["tune"] + r["predict"]
+            cells = (r["fit"], r["tune"], r["predict"], total, r["prior"], r["iters"])
+            tail = (r["lml"], r["nll"], r["acc"])
             print(
-                f"{subset:>10} {structure:>6} {lib:>8} {r['fit']:7.3f} {r['tune']:7.3f} {r['predict']:7.3f} "
-                f"{total:7.3f} {r['prior']:8.3g} {r['iters']:5d} {r['lml']:10.2f} {r['nll']:6.3f} {r['acc']:6.3f}"
+                f"{subset:>10} {structure:>6} {lib:>8} "
+                + " ".join(f"{c:8.3f}" for c in cells[:4])
+                + f" {cells[4]:8.3g} {cells[5]:8d} "
+                + " ".join(f"{c:8.3f}" for c in tail)
             )
         if "laplace" in rows:
             a, b = rows["ours"], rows["laplace"]
