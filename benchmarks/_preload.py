@@ -13,6 +13,16 @@ import importlib
 
 import torch  # noqa: F401
 
+# tqdm creates a multiprocessing lock (a named semaphore) the first time a bar is
+# made, in every job process, which the resource tracker then reports as leaked
+# at shutdown; a thread lock set here, before the fork, avoids that.
+with contextlib.suppress(Exception):
+    import threading
+
+    import tqdm
+
+    tqdm.tqdm.set_lock(threading.RLock())
+
 for _name in (
     "laplace",
     "laplace.curvature",

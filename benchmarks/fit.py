@@ -17,8 +17,8 @@ repeats, time cap) in ``_worker.py``.
 
 Usage (from the repository root, in the benchmark environment)::
 
-    .venv-bench/bin/python benchmarks/fit.py                 # full run (~20 min)
-    .venv-bench/bin/python benchmarks/fit.py --quick         # smoke run (~3 min)
+    .venv-bench/bin/python benchmarks/fit.py                 # full run (~20-25 min)
+    .venv-bench/bin/python benchmarks/fit.py --quick         # smoke run (~2-3 min)
     .venv-bench/bin/python benchmarks/fit.py --workloads W1 --libs ours,laplace --json out.json
 """
 
@@ -84,7 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="W1,W2", help="comma list of W1,W2")
     parser.add_argument("--libs", default=",".join(LIBS), help="comma list of " + ",".join(LIBS))
-    parser.add_argument("--quick", action="store_true", help="smoke run: GGN only, 1 repeat")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 GGN configs, laplace-torch default backend, 1 timed fit",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument(
         "--cap",

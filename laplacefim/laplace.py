@@ -724,10 +724,13 @@ class Laplace:
 
     def _engine(self, selection: Selection) -> CurvatureEngine:
         if self.structure is Structure.FULL and selection.n_params > self.max_full_params:
+            alternatives = "structure='kron' or 'diag'"
+            if self.subset != "last_layer":
+                alternatives += ", or subset='last_layer'"
             raise ValueError(
                 f"structure='full' over {selection.n_params} parameters would need a "
                 f"{selection.n_params}² matrix (limit max_full_params={self.max_full_params}); "
-                "use structure='kron' or 'diag', or subset='last_layer'."
+                f"use {alternatives}."
             )
         layout_of(selection, self.structure).prior_structure(self._prior_precision)
         dtype = self.accumulate_dtype or selection.params[0].dtype

@@ -189,6 +189,19 @@ def glm_moments(
     return torch.cat(means), torch.cat(covs)
 
 
+def _regression(mean: Tensor, cov: Tensor, sigma_noise: Tensor, joint_outputs: bool) -> Prediction:
+    """Regression predictive: epistemic ``diag(cov)`` plus aleatoric ``σ²``."""
+    epistemic = cov.diagonal(dim1=-2, dim2=-1)
+    aleatoric = sigma_noise.to(mean).square().expand_as(mean)
+    return Prediction(
+        logit_cov=cov if joint_outputs else None,
+        mean=mean,
+        epistemic_var=epistemic,
+        aleatoric_var=aleatoric,
+        var=epistemic + aleatoric,
+    )
+
+
 def gaussian_prediction(
     likelihood: Likelihood,
     mean: Tensor,
@@ -203,14 +216,7 @@ def gaussian_prediction(
     """Turn a Gaussian over the outputs into the likelihood's predictive."""
     var = cov.diagonal(dim1=-2, dim2=-1)
     if likelihood is Likelihood.REGRESSION:
-        aleatoric = sigma_noise.to(mean).square().expand_as(mean)
-        return Prediction(
-            logit_cov=cov if joint_outputs else None,
-            mean=mean,
-            epistemic_var=var,
-            aleatoric_var=aleatoric,
-            var=var + aleatoric,
-        )
+        return _regression(mean, cov, sigma_noise, joint_outputs)
     if likelihood is Likelihood.BINARY:
         mean, var = mean[:, 0], var[:, 0]
         if link is Link.PROBIT:
@@ -243,14 +249,7 @@ def sampled_prediction(
     cov = torch.einsum("sbc,sbd->bcd", centred, centred) / max(samples.shape[0] - 1, 1)
     var = cov.diagonal(dim1=-2, dim2=-1)
     if likelihood is Likelihood.REGRESSION:
-        aleatoric = sigma_noise.to(mean).square().expand_as(mean)
-        return Prediction(
-            logit_cov=cov if joint_outputs else None,
-            mean=mean,
-            epistemic_var=var,
-            aleatoric_var=aleatoric,
-            var=var + aleatoric,
-        )
+        return _regression(mean, cov, sigma_noise, joint_outputs)
     if likelihood is Likelihood.BINARY:
         probs = samples[..., 0].sigmoid().mean(0)
         return Prediction(probs=probs, logit_mean=mean[:, 0], logit_var=var[:, 0])
