@@ -55,18 +55,18 @@ def ggn_diagonal(op: CurvatureOperator) -> Tensor:
         fisher_samples=1,
         dtype=op.dtype,
     )
-    total: list[Tensor] | None = None
+    total = engine.zeros()
     flags = []
     with eval_mode(op.model):
         for x, y in op.batches():
             stats = engine.batch(x, y, None)
             flags.append(stats.bad_targets)
-            parts = stats.contributions
-            total = parts if total is None else [a + b for a, b in zip(total, parts, strict=True)]
+            total.add_(stats.contributions)
+    if not flags:
+        raise ValueError("the loader yielded no batch; the trace needs at least one.")
     if bool(torch.stack(flags).any()):
         raise ValueError(f"the targets are out of range for likelihood={op.kind.value!r}.")
-    assert total is not None
-    return torch.cat([t.reshape(-1) for t in total])
+    return total.diagonal()
 
 
 def hutchinson(
