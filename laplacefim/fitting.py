@@ -214,18 +214,9 @@ def layout_of(selection: Selection, structure: Structure) -> Layout:
     """How the chosen parameters group into blocks (per the structure) and layers."""
     modules = [name.rpartition(".")[0] for name in selection.names]
     index = {module: i for i, module in enumerate(dict.fromkeys(modules))}
-    layer_of_param = torch.cat(
-        [
-            torch.full((param.numel(),), index[module], dtype=torch.long)
-            for module, param in zip(modules, selection.params, strict=True)
-        ]
-    )
-    sizes = (
-        (selection.n_params,)
-        if structure is Structure.FULL
-        else tuple(param.numel() for param in selection.params)
-    )
-    return Layout(sizes, layer_of_param.to(selection.params[0].device), len(index))
+    tensor_sizes = tuple(param.numel() for param in selection.params)
+    blocks = (selection.n_params,) if structure is Structure.FULL else tensor_sizes
+    return Layout(blocks, tensor_sizes, tuple(index[m] for m in modules), len(index))
 
 
 def raise_on_flags(flags: Tensor, likelihood: Likelihood) -> None:

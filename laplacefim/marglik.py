@@ -27,20 +27,31 @@ LOG_BOUND = 40.0
 class Layout:
     """How the flat parameters group into structure blocks and into layers (modules).
 
+    Kept as plain integers per parameter tensor (not one index per parameter), so the
+    layout costs nothing next to the model and needs no device work.
+
     Attributes:
         block_sizes: Number of parameters of each block, in flat order.
-        layer_of_param: Layer index of every parameter ``(P,)``.
+        tensor_sizes: Number of parameters of each chosen parameter tensor, in flat order.
+        tensor_layers: Layer index of each chosen parameter tensor.
         n_layers: Number of layers (modules owning chosen parameters).
     """
 
     block_sizes: tuple[int, ...]
-    layer_of_param: Tensor
+    tensor_sizes: tuple[int, ...]
+    tensor_layers: tuple[int, ...]
     n_layers: int
 
     @property
     def n_params(self) -> int:
         """Number of parameters ``P``."""
-        return self.layer_of_param.numel()
+        return sum(self.tensor_sizes)
+
+    def _expand(self, prior: Tensor, tensors: range) -> Tensor:
+        """A layerwise prior expanded over the parameters of some tensors."""
+        layers = torch.tensor([self.tensor_layers[t] for t in tensors], device=prior.device)
+        sizes = torch.tensor([self.tensor_sizes[t] for t in tensors], device=prior.device)
+        return prior[layers.repeat_interleave(sizes)]  # built only for a layerwise prior
 
     def prior_structure(self, prior: Tensor) -> PriorStructure:
         """Which structure a prior tensor has, from its shape.
@@ -65,7 +76,7 @@ class Layout:
         if structure is PriorStructure.SCALAR:
             return prior.expand(self.n_params)
         if structure is PriorStructure.LAYERWISE:
-            return prior[self.layer_of_param.to(prior.device)]
+            return self._expand(prior, range(len(self.tensor_sizes)))
         return prior
 
     def per_block(self, prior: Tensor) -> list[Tensor]:
@@ -73,15 +84,19 @@ class Layout:
         structure = self.prior_structure(prior)
         if structure is PriorStructure.SCALAR:
             return [prior for _ in self.block_sizes]
-        full = self.per_param(prior)
-        blocks = list(full.split(list(self.block_sizes)))
         if structure is PriorStructure.DIAGONAL:
-            return blocks
-        layers = self.layer_of_param.split(list(self.block_sizes))
-        return [
-            block[0] if bool((layer == layer[0]).all()) else block
-            for block, layer in zip(blocks, layers, strict=True)
-        ]
+            return list(prior.split(list(self.block_sizes)))
+        out, first = [], 0
+        for size in self.block_sizes:
+            last, covered = first, 0
+            while covered < size:
+                covered += self.tensor_sizes[last]
+                last += 1
+            layers = {self.tensor_layers[t] for t in range(first, last)}
+            single = len(layers) == 1
+            out.append(prior[layers.pop()] if single else self._expand(prior, range(first, last)))
+            first = last
+        return out
 
 
 @dataclass(frozen=True)
