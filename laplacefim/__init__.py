@@ -1,35 +1,43 @@
 """laplacefim: calibrated uncertainty for trained PyTorch models.
 
 Laplace approximations built on the Fisher information / generalised Gauss-Newton matrix,
-with full, diagonal and Kronecker-factored structures over all weights, the last layer or
-any subset; prior tuning by marginal likelihood; linearised and sampling predictives.
+with full, diagonal, Kronecker-factored, eigenvalue-corrected Kronecker and low-rank
+structures over all weights, the last layer or any subset; prior tuning by marginal
+likelihood; linearised and sampling predictives. Structures, likelihoods and layer rules
+are registries (``STRUCTURES``, ``LIKELIHOODS``, ``laplacefim.curvature.rules.RULES``):
+see ``docs/extending.md``.
 """
 
 from laplacefim import geometry, metrics
 from laplacefim.distributions import BlockDiagonalNormal
 from laplacefim.laplace import Laplace
+from laplacefim.likelihoods import LIKELIHOODS, Heteroscedastic
 from laplacefim.marglik import PriorTuning
 from laplacefim.monitor import FisherMonitor, MonitorRecord
 from laplacefim.optim import NaturalGradient
 from laplacefim.options import (
     CurvatureKind,
-    Likelihood,
+    KfacApprox,
     Link,
     PredictMethod,
     PriorStructure,
-    Structure,
     TuneMethod,
 )
-from laplacefim.precision import PosteriorPrecision
-from laplacefim.predictive import Prediction
+from laplacefim.posterior import PosteriorPrecision
+from laplacefim.prediction import Prediction
+from laplacefim.structures import STRUCTURES, LowRank
 
 __all__ = [
+    "LIKELIHOODS",
+    "STRUCTURES",
     "BlockDiagonalNormal",
     "CurvatureKind",
     "FisherMonitor",
+    "Heteroscedastic",
+    "KfacApprox",
     "Laplace",
-    "Likelihood",
     "Link",
+    "LowRank",
     "MonitorRecord",
     "NaturalGradient",
     "PosteriorPrecision",
@@ -37,7 +45,6 @@ __all__ = [
     "Prediction",
     "PriorStructure",
     "PriorTuning",
-    "Structure",
     "TuneMethod",
     "geometry",
     "metrics",

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from laplacefim import evaluation as ev
-from laplacefim.options import CurvatureKind, Likelihood, Structure
+from laplacefim.options import CurvatureKind
+from laplacefim.structures import STRUCTURES
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -42,6 +43,10 @@ DEFAULT_EVAL_OUT = "laplacefim-eval"
 
 class CLIError(Exception):
     """A problem with the user's inputs; its message is printed without a traceback."""
+
+
+# The likelihoods whose target arrays `laplacefim evaluate` knows how to check.
+LIKELIHOODS_CLI = ("classification", "regression", "binary")
 
 
 def _values(enum: Any) -> list[str]:
@@ -144,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch CPU threads (default: torch's own choice)",
     )
-    evaluate.add_argument("--likelihood", default="classification", choices=_values(Likelihood))
+    evaluate.add_argument("--likelihood", default="classification", choices=list(LIKELIHOODS_CLI))
     evaluate.add_argument("--subset", default="all", choices=["all", "last_layer"])
-    evaluate.add_argument("--structure", default="kron", choices=_values(Structure))
+    evaluate.add_argument("--structure", default="kron", choices=STRUCTURES.names)
     evaluate.add_argument("--curvature", default="ggn", choices=_values(CurvatureKind))
     evaluate.add_argument(
         "--batch-size",
@@ -204,13 +209,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def run_evaluate_command(args: argparse.Namespace) -> int:
     """``laplacefim evaluate``: load the user's model and data, evaluate, report."""
     start = time.perf_counter()
-    likelihood = Likelihood(args.likelihood)
+    likelihood = args.likelihood
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
     for flag, path in (("--weights", args.weights), ("--data", args.data), ("--ood", args.ood)):
         if path is not None and not Path(path).is_file():
             raise CLIError(f"{flag}: file not found: {path!r}.")
-    if args.ood is not None and likelihood is Likelihood.REGRESSION:
+    if args.ood is not None and likelihood == "regression":
         raise CLIError(
             "--ood applies to classification and binary likelihoods, not to regression; drop --ood."
         )
@@ -422,14 +427,14 @@ def _inputs_array(
 
 
 def _targets(
-    y: np.ndarray, key: str, likelihood: Likelihood, outputs: tuple[int, ...], n: int, path: str
+    y: np.ndarray, key: str, likelihood: str, outputs: tuple[int, ...], n: int, path: str
 ) -> Tensor:
     where = f"--data {path}: {key}"
     if y.dtype.kind not in "biuf":
         raise CLIError(f"{where} must hold numbers, got dtype {y.dtype}.")
     if len(y) != n:
         raise CLIError(f"{where} has {len(y)} rows but its inputs have {n}.")
-    if likelihood is Likelihood.CLASSIFICATION:
+    if likelihood == "classification":
         if y.dtype.kind == "f":
             whole = bool(np.all(np.mod(y, 1) == 0))
             hint = (
@@ -455,7 +460,7 @@ def _targets(
                 f"{n_classes} outputs; labels must be in [0, {n_classes - 1}]."
             )
         return torch.as_tensor(y).long()
-    if likelihood is Likelihood.BINARY:
+    if likelihood == "binary":
         if outputs[1:] not in ((), (1,)):
             raise CLIError(
                 f"--likelihood binary needs one logit per input, model outputs (B,) "
@@ -479,7 +484,7 @@ def _targets(
     return torch.as_tensor(y.astype(np.float64)).reshape(n, *outputs[1:])
 
 
-def load_data(path: str, model: nn.Module, likelihood: Likelihood) -> ev.EvalData:
+def load_data(path: str, model: nn.Module, likelihood: str) -> ev.EvalData:
     """Read and check X_train, y_train, X_test, y_test against the model and likelihood.
 
     Raises:
@@ -512,7 +517,7 @@ def load_data(path: str, model: nn.Module, likelihood: Likelihood) -> ev.EvalDat
         ) from error
     y_train = _targets(arrays["y_train"], "y_train", likelihood, outputs, len(x_train), path)
     y_test = _targets(arrays["y_test"], "y_test", likelihood, outputs, len(x_test), path)
-    if likelihood is not Likelihood.CLASSIFICATION:
+    if likelihood != "classification":
         y_train, y_test = y_train.to(dtype), y_test.to(dtype)
     return ev.EvalData(x_train, y_train, x_test, y_test)
 

@@ -39,7 +39,6 @@ from laplacefim.evaluation import (
     versions,
 )
 from laplacefim.metrics import ReliabilityDiagram, reliability
-from laplacefim.options import Likelihood
 
 IMAGE_SIDE = 8
 """The digits are 8x8 grey images with values 0…16, scaled here to [0, 1]."""
@@ -269,9 +268,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool | None = None) 
     }
     method_times: dict[str, dict[str, float]] = {}
     tick = time.perf_counter()
-    probs["map"] = {
-        key: map_probs(model, x, Likelihood.CLASSIFICATION) for key, x in inputs.items()
-    }
+    probs["map"] = {key: map_probs(model, x, "classification") for key, x in inputs.items()}
     method_times["map"] = {"predict_s": time.perf_counter() - tick}
     for spec in config.methods:
         fitted = fit_posterior(model, loader, "classification", spec, progress=show)
@@ -308,6 +305,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool | None = None) 
         "schema": REPORT_SCHEMA,
         "command": "demo",
         "task": "classification",
+        "target": "classification",
         "title": (
             f"laplacefim demo: MLP 64-{width}-{width}-10 on digits "
             f"({len(data.x_train)} train / {len(data.x_test)} test, seed {config.seed})"

@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions import MultivariateNormal, Normal, TorchDistribution, constraints
 from torch import Tensor
 
-from laplacefim.structures.eigen import PrecisionEigen
+from laplacefim.structures.base import Precision
 
 
 class BlockDiagonalNormal(TorchDistribution):
-    """``N(loc, Σ)`` with a block-diagonal precision, each block decomposed (Kronecker, dense
-    or diagonal), so that sampling, densities and entropy cost O(P) after the decomposition.
+    """``N(loc, Σ)`` with a block-diagonal precision, each block decomposed (Kronecker, dense,
+    diagonal or low-rank plus diagonal), so that sampling, densities and entropy cost about
+    O(P) after the decomposition.
 
     Args:
         loc: The mean ``(P,)``.
@@ -28,12 +29,10 @@ class BlockDiagonalNormal(TorchDistribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(
-        self, loc: Tensor, blocks: list[PrecisionEigen], validate_args: bool | None = None
-    ):
+    def __init__(self, loc: Tensor, blocks: list[Precision], validate_args: bool | None = None):
         self.loc = loc
         self.blocks = blocks
-        self.sizes = [block.values.numel() for block in blocks]
+        self.sizes = [block.numel for block in blocks]
         if sum(self.sizes) != loc.shape[-1]:
             raise ValueError(f"blocks cover {sum(self.sizes)} values but loc has {loc.shape[-1]}.")
         super().__init__(torch.Size(), torch.Size([loc.shape[-1]]), validate_args=validate_args)
@@ -76,9 +75,23 @@ class BlockDiagonalNormal(TorchDistribution):
     @property
     def precision_matrix(self) -> Tensor:
         """Dense precision ``(P, P)`` (small P only)."""
-        return torch.block_diag(*(block.precision() for block in self.blocks))
+        return torch.block_diag(*(block.to_dense() for block in self.blocks))
 
     @property
     def covariance_matrix(self) -> Tensor:
         """Dense covariance ``(P, P)`` (small P only)."""
         return torch.block_diag(*(block.covariance() for block in self.blocks))
+
+
+def posterior_distribution(loc: Tensor, blocks: list[Precision]) -> TorchDistribution:
+    """The posterior as the plainest pyro distribution that fits its blocks.
+
+    Diagonal blocks only: ``Normal(loc, σ).to_event(1)``; one dense block:
+    ``MultivariateNormal``; otherwise :class:`BlockDiagonalNormal`.
+    """
+    if all(block.elementwise for block in blocks):
+        scale = torch.cat([block.covariance_diagonal() for block in blocks]).sqrt()
+        return Normal(loc, scale).to_event(1)
+    if len(blocks) == 1 and blocks[0].dense:
+        return MultivariateNormal(loc, precision_matrix=blocks[0].to_dense())
+    return BlockDiagonalNormal(loc, blocks)

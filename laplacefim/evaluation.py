@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplacefim import metrics as M
 from laplacefim.laplace import Laplace
-from laplacefim.options import CurvatureKind, Likelihood, Structure
+from laplacefim.likelihoods import LikelihoodModel, make_likelihood
+from laplacefim.options import CurvatureKind
 
 REPORT_SCHEMA = "laplacefim.report/1"
 """Name and version of the report.json layout (see docs/cli.md)."""
@@ -60,7 +61,7 @@ class MethodSpec:
     name: str
     label: str
     subset: str = "all"
-    structure: str | Structure = "kron"
+    structure: str = "kron"
     curvature: str | CurvatureKind = "ggn"
 
 
@@ -95,7 +96,7 @@ def as_json(value: Tensor | float) -> float | list[float]:
 def fit_posterior(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     spec: MethodSpec,
     *,
     progress: bool | None = None,
@@ -130,16 +131,16 @@ def fit_posterior(
     info: dict[str, Any] = {
         "label": spec.label,
         "subset": spec.subset,
-        "structure": la.structure.value,
+        "structure": la.structure,
         "curvature": la.curvature_kind.value,
-        "predictive": "glm-probit" if la.likelihood is not Likelihood.REGRESSION else "glm",
+        "predictive": "glm" if la.config.likelihood.task == "regression" else "glm-probit",
         "n_params": la.n_params,
         "prior_precision": as_json(tuned.prior_precision),
         "log_marginal_likelihood": float(tuned.log_marginal_likelihood),
         "tune_converged": bool(tuned.converged),
         "tune_iterations": int(tuned.n_iter),
     }
-    if la.likelihood is Likelihood.REGRESSION:
+    if la.config.likelihood.has_noise:
         info["sigma_noise"] = as_json(tuned.sigma_noise)
     if la.last_layer is not None:
         info["last_layer"] = la.last_layer
@@ -198,17 +199,17 @@ def regression_scores(mean: Tensor, var: Tensor, y: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def map_probs(model: nn.Module, x: Tensor, likelihood: Likelihood, chunk: int = 1024) -> Tensor:
-    """MAP class probabilities: softmax ``(B, C)`` or, for binary, sigmoid ``(B,)``."""
+def map_probs(
+    model: nn.Module, x: Tensor, likelihood: str | LikelihoodModel, chunk: int = 1024
+) -> Tensor:
+    """The MAP model's prediction: softmax ``(B, C)``, for binary sigmoid ``(B,)``."""
     was_training = model.training
     model.eval()
     try:
         logits = torch.cat([model(part) for part in x.split(chunk)])
     finally:
         model.train(was_training)
-    if likelihood is Likelihood.BINARY:
-        return logits.reshape(-1).sigmoid()
-    return logits.softmax(-1)
+    return make_likelihood(likelihood).point_prediction(logits)
 
 
 def laplace_probs(la: Laplace, x: Tensor) -> Tensor:
@@ -255,7 +256,7 @@ class EvalResult:
 def evaluate_model(
     model: nn.Module,
     data: EvalData,
-    likelihood: Likelihood,
+    likelihood: str | LikelihoodModel,
     ood: Tensor | None = None,
     *,
     subset: str = "all",
@@ -288,6 +289,7 @@ def evaluate_model(
         ValueError, TypeError: As ``Laplace`` raises them for the model and data.
     """
     start = time.perf_counter()
+    likelihood = make_likelihood(likelihood)
     spec = MethodSpec("laplace", f"LA {subset}/{structure}", subset, structure, curvature)
     loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=batch_size)
     fitted = fit_posterior(model, loader, likelihood, spec, progress=progress)
@@ -300,7 +302,7 @@ def evaluate_model(
     plot_data: dict[str, tuple[Tensor, ...]] = {}
     ood_report: dict[str, dict[str, dict[str, float]]] = {}
     y = data.y_test
-    if likelihood is Likelihood.REGRESSION:
+    if likelihood.task == "regression":
         methods["map"]["predictive"] = "gaussian (MAP output, tuned noise)"
         prediction = la.predict(data.x_test)
         if prediction.mean is None or prediction.var is None:  # pragma: no cover
@@ -315,7 +317,7 @@ def evaluate_model(
         }
         plot_data = {"MAP": (mean, noise, y), spec.label: (mean, var, y)}
     else:
-        methods["map"]["predictive"] = "sigmoid" if likelihood is Likelihood.BINARY else "softmax"
+        methods["map"]["predictive"] = "sigmoid" if likelihood.name == "binary" else "softmax"
         labels = y.reshape(-1).long()
         probs = {
             "map": map_probs(model, data.x_test, likelihood),
@@ -330,11 +332,12 @@ def evaluate_model(
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "command": "evaluate",
-        "task": likelihood.value,
-        "title": f"laplacefim evaluate: {likelihood.value}, MAP vs Laplace "
+        "task": likelihood.name,
+        "target": likelihood.task,
+        "title": f"laplacefim evaluate: {likelihood.name}, MAP vs Laplace "
         f"({len(data.x_train)} train / {len(data.x_test)} test)",
         "config": {
-            "likelihood": likelihood.value,
+            "likelihood": likelihood.name,
             "subset": subset,
             "structure": structure,
             "curvature": curvature,
@@ -375,7 +378,7 @@ def write_eval_plots(result: EvalResult, out_dir: str | os.PathLike[str]) -> dic
     from laplacefim import plots
 
     folder = Path(out_dir)
-    if result.report["task"] == Likelihood.REGRESSION.value:
+    if result.report["target"] == "regression":
         (mean, _, y), *_ = result.plot_data.values()
         variances = {label: values[1] for label, values in result.plot_data.items()}
         plots.regression_calibration(
@@ -432,7 +435,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     labels = {name: spec.get("label", name) for name, spec in report["methods"].items()}
     metrics = report["metrics"]
     names = list(labels)
-    regression = report["task"] == Likelihood.REGRESSION.value
+    regression = report["target"] == "regression"
     columns = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
     titles = {
         "accuracy": "acc ↑",

@@ -1,40 +1,30 @@
-"""The fit loop: batches in, summed curvature statistics and checks out."""
+"""The fit loop: batches in, summed curvature statistics and checks out.
+
+One pass over the data accumulates every block's statistics; structures that need more
+(EKFAC, low-rank) get further passes. With a process group each pass ends in one
+all-reduce of the pass's statistics, after a status exchange so that a failure on one
+rank raises on all.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import itertools
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from laplacefim import distributed
+from laplacefim.config import CurvatureConfig, FitState
 from laplacefim.curvature import CurvatureEngine
-from laplacefim.marglik import Layout
-from laplacefim.options import Likelihood, Structure
-from laplacefim.structures import BlockDiagonal
+from laplacefim.inputs import to_device
+from laplacefim.layout import Layout
+from laplacefim.structures import BlockDiagonal, Plan
 from laplacefim.subsets import Selection, find_last_linear, select
-
-if TYPE_CHECKING:
-    from laplacefim.laplace import Laplace
-
-
-@dataclass(frozen=True)
-class FitState:
-    """Everything a successful fit produced; swapped in whole so a failed fit changes nothing."""
-
-    selection: Selection
-    last_layer: str | None
-    curvature: BlockDiagonal
-    mean: Tensor
-    loss_stats: Tensor
-    n_data: int
-    sigma_fit: Tensor
-    layout: Layout
-    input_shape: tuple[int, ...] | None
 
 
 @contextmanager
@@ -49,48 +39,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def unpack(
-    batch: object, index: int, x_key: str | None = None, y_key: str | None = None
-) -> tuple[object, Tensor]:
-    """Split a batch into inputs and targets, or raise a TypeError that says what came.
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
 
-    A batch is an ``(inputs, targets)`` pair, or a mapping: then ``y_key`` names the
-    targets and ``x_key`` the inputs (without ``x_key`` the model gets the mapping less
-    the targets).
+
+def make_engine(
+    model: nn.Module, config: CurvatureConfig, selection: Selection, noise: Tensor
+) -> CurvatureEngine:
+    """The engine for ``config`` on ``selection``, after the structure's own checks.
+
+    Raises:
+        ValueError: If the structure refuses the fit (too many parameters for a dense
+            block, a curvature kind it cannot use).
     """
-    if isinstance(batch, Mapping):
-        if y_key is None:
-            raise TypeError(
-                f"the loader yielded a mapping with keys {sorted(batch)} as batch {index}; "
-                "pass y_key= (and x_key=, unless the model takes the mapping) to fit."
-            )
-        missing = [k for k in (x_key, y_key) if k is not None and k not in batch]
-        if missing:
-            raise ValueError(f"batch {index} has no keys {missing}; its keys are {sorted(batch)}.")
-        x = batch[x_key] if x_key is not None else {k: v for k, v in batch.items() if k != y_key}
-        y = batch[y_key]
-    elif isinstance(batch, tuple | list) and len(batch) == 2:
-        x, y = batch
-    else:
-        kind = type(batch).__name__
-        size = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
-        raise TypeError(
-            f"the loader yielded a {kind}{size} as batch {index}; laplacefim expects "
-            "(inputs, targets) pairs, as a TensorDataset in a DataLoader yields, or mappings "
-            "with x_key= / y_key=."
-        )
-    if not isinstance(y, Tensor):
-        raise TypeError(f"batch {index}: targets must be a tensor, got {type(y).__name__}.")
-    return x, y
-
-
-def to_device(x: object, device: torch.device) -> object:
-    """Move a tensor, or the tensors of a mapping, to ``device``."""
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
+    config.structure.check(selection.n_params, config.kind, config.max_full_params)
+    dtype = config.accumulate_dtype or selection.params[0].dtype
+    return CurvatureEngine(
+        model,
+        selection,
+        config.kind,
+        config.likelihood,
+        noise,
+        config.io,
+        fisher_samples=config.fisher_samples,
+        dtype=dtype,
+    )
 
 
 def _length(loader: Iterable[Any]) -> int | None:
@@ -104,122 +78,189 @@ def _length(loader: Iterable[Any]) -> int | None:
 class _Sums:
     """What the loop accumulates on one rank."""
 
-    selection: Selection
+    engine: CurvatureEngine
     last_layer: str | None
-    accumulator: BlockDiagonal
+    curvature: BlockDiagonal
     loss_stats: Tensor
     n_data: int
     input_shape: tuple[int, ...] | None
 
 
-def _loop(
-    la: Laplace,
-    loader: Iterable[Any],
-    progress: bool,
+def _first_pass(
+    model: nn.Module,
+    config: CurvatureConfig,
+    noise: Tensor,
+    bar: Iterable[Any],
     generator: torch.Generator | None,
-    x_key: str | None,
-    y_key: str | None,
 ) -> _Sums:
-    device = next(la.model.parameters()).device
-    engine: CurvatureEngine | None = None
+    device = model_device(model)
     sums: _Sums | None = None
     flags: list[Tensor] = []
-    bar = tqdm(
-        loader, total=_length(loader), disable=not progress, desc="laplacefim fit", unit="batch"
-    )
     for index, batch in enumerate(bar):
-        x, y = unpack(batch, index, x_key, y_key)
+        x, y = config.io.split(batch, index)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
-        if engine is None or sums is None:
-            last_layer = find_last_linear(la.model, x) if la.subset == "last_layer" else None
-            selection = select(la.model, la.subset, last_layer)
-            engine = la._engine(selection)
-            shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
-            sums = _Sums(selection, last_layer, engine.zeros(), torch.zeros(()), 0, shape)
         try:
-            stats = engine.batch(x, y, generator)
+            if sums is None:
+                last = (
+                    find_last_linear(model, x, config.io) if config.subset == "last_layer" else None
+                )
+                selection = select(model, config.subset, last)
+                engine = make_engine(model, config, selection, noise)
+                rows = engine.batch(x, y, generator)
+                plan = Plan(
+                    tuple(zip(selection.names, (p.numel() for p in selection.params), strict=True)),
+                    rows.segments,
+                    config.kind,
+                    config.kfac_approx,
+                    config.max_full_params,
+                    engine.dtype,
+                    device,
+                )
+                curvature = BlockDiagonal(config.structure.build(plan))
+                shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
+                zero = torch.zeros((), dtype=engine.dtype, device=device)
+                sums = _Sums(engine, last, curvature, zero, 0, shape)
+            else:
+                rows = sums.engine.batch(x, y, generator)
         except (ValueError, TypeError) as error:
             raise type(error)(f"batch {index}: {error}") from error
-        sums.accumulator.add_(stats.contributions)
-        sums.loss_stats = stats.loss_stats + (sums.loss_stats if sums.n_data else 0)
-        sums.n_data += stats.n_data
-        flags.append(torch.stack([stats.bad_outputs, stats.bad_targets]))
+        sums.curvature.add_(sums.curvature.statistics(rows.segments))
+        loss_stats: Tensor = rows.loss_stats  # type: ignore[assignment]
+        sums.loss_stats = loss_stats + sums.loss_stats if sums.n_data else loss_stats
+        sums.n_data += rows.n_data
+        flags.append(torch.stack([rows.bad_outputs, rows.bad_targets]))  # type: ignore[list-item]
     if sums is None:
         raise ValueError(
             "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
         )
-    raise_on_flags(torch.stack(flags), la.likelihood)
+    raise_on_flags(torch.stack(flags), config.likelihood.expected_targets)
     return sums
 
 
-def run_fit(
-    la: Laplace,
-    loader: Iterable[Any],
-    progress: bool,
+def _next_pass(
+    sums: _Sums,
+    config: CurvatureConfig,
+    bar: Iterable[Any],
     generator: torch.Generator | None,
+) -> None:
+    device = model_device(sums.engine.model)
+    for index, batch in enumerate(bar):
+        x, y = config.io.split(batch, index)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        rows = sums.engine.batch(x, y, generator)
+        sums.curvature.add_(sums.curvature.statistics(rows.segments))
+
+
+def fit_curvature(
+    model: nn.Module,
+    config: CurvatureConfig,
+    noise: Tensor,
+    loader: Iterable[Any],
     *,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
     group: distributed.Group = None,
     reduce: bool = True,
-    x_key: str | None = None,
-    y_key: str | None = None,
 ) -> FitState:
-    """Run the fit loop for ``la``: accumulate, check, and sum across ranks if distributed.
+    """Fit the curvature of ``config`` over the data of ``loader`` (in eval mode).
 
-    With a process group, every rank fits its own shard, then all ranks exchange a status
-    (so a failure on one rank raises on all) and sum their statistics in one bucketed
-    all-reduce; each rank ends with the same posterior.
+    Args:
+        model: The model.
+        config: What to fit.
+        noise: The likelihood's noise at which the curvature is formed.
+        loader: ``(inputs, targets)`` batches or mappings; re-iterable when the structure
+            needs several passes.
+        progress: Show a progress bar (on rank 0).
+        generator: Random generator for the MC Fisher.
+        group: Process group to reduce over (the default group if None).
+        reduce: Sum across ranks when a process group is initialised.
+
+    Raises:
+        ValueError: For an empty loader, NaN outputs, targets out of range, a structure
+            that needs several passes over a one-shot iterator, or a failed audit.
     """
-    error: Exception | None = None
-    sums: _Sums | None = None
+    if not config.structure.single_pass and isinstance(loader, Iterator):
+        raise ValueError(
+            f"structure={config.structure.name!r} passes over the data more than once, but the "
+            "loader is a one-shot iterator (a generator); give a DataLoader or a list."
+        )
     reduce = reduce and distributed.active(group)
     progress = progress and (not reduce or distributed.rank(group) == 0)
-    try:
-        sums = _loop(la, loader, progress, generator, x_key, y_key)
-    except Exception as caught:  # re-raised below, after the other ranks have heard of it
-        error = caught
-    if not reduce:
-        if error is not None or sums is None:
-            raise error or RuntimeError("the fit loop returned nothing")
-        return _state(la, sums, sums.n_data)
-    device = next(la.model.parameters()).device
-    n_failed, n_data = distributed.exchange_status(
-        error is not None, 0 if sums is None else sums.n_data, device, group
-    )
-    if error is not None:
-        raise error
-    if n_failed or sums is None:
-        raise RuntimeError(
-            f"{n_failed} other rank(s) failed during fit (see their errors); this rank's "
-            "statistics were not used and the Laplace is unchanged."
-        )
-    distributed.all_reduce_([*sums.accumulator.state(), sums.loss_stats], group)
-    return _state(la, sums, n_data)
-
-
-def _state(la: Laplace, sums: _Sums, n_data: int) -> FitState:
+    device = model_device(model)
+    sums: _Sums | None = None
+    n_data = 0
+    with eval_mode(model):
+        for pass_index in itertools.count():
+            outcome = _run_pass(sums, model, config, noise, loader, progress, generator)
+            if reduce:
+                sums, total = _reduce(outcome, pass_index, device, group)
+                n_data = total if pass_index == 0 else n_data
+            elif isinstance(outcome, Exception):
+                raise outcome
+            else:
+                sums, n_data = outcome, outcome.n_data
+            if not sums.curvature.end_pass():
+                break
+    if sums is None:
+        raise RuntimeError("the fit loop returned nothing.")
+    selection = sums.engine.selection
     return FitState(
-        sums.selection,
+        selection,
         sums.last_layer,
-        sums.accumulator,
-        sums.selection.flat(),
+        sums.curvature,
+        selection.flat(),
         sums.loss_stats,
         n_data,
-        la.sigma_noise.clone(),
-        layout_of(sums.selection, la.structure),
+        noise.clone(),
+        Layout.of(selection, sums.curvature.sizes),
         sums.input_shape,
     )
 
 
-def layout_of(selection: Selection, structure: Structure) -> Layout:
-    """How the chosen parameters group into blocks (per the structure) and layers."""
-    modules = [name.rpartition(".")[0] for name in selection.names]
-    index = {module: i for i, module in enumerate(dict.fromkeys(modules))}
-    tensor_sizes = tuple(param.numel() for param in selection.params)
-    blocks = (selection.n_params,) if structure is Structure.FULL else tensor_sizes
-    return Layout(blocks, tensor_sizes, tuple(index[m] for m in modules), len(index))
+def _run_pass(
+    sums: _Sums | None,
+    model: nn.Module,
+    config: CurvatureConfig,
+    noise: Tensor,
+    loader: Iterable[Any],
+    progress: bool,
+    generator: torch.Generator | None,
+) -> _Sums | Exception:
+    """One pass over the data; an error is returned (to be raised after the status
+    exchange with the other ranks) rather than raised."""
+    desc = "laplacefim fit" if sums is None else "laplacefim fit (next pass)"
+    bar = tqdm(loader, total=_length(loader), disable=not progress, desc=desc, unit="batch")
+    try:
+        if sums is None:
+            return _first_pass(model, config, noise, bar, generator)
+        _next_pass(sums, config, bar, generator)
+        return sums
+    except Exception as caught:  # raised by _reduce, after the other ranks have heard of it
+        return caught
 
 
-def raise_on_flags(flags: Tensor, likelihood: Likelihood) -> None:
+def _reduce(
+    outcome: _Sums | Exception, pass_index: int, device: torch.device, group: distributed.Group
+) -> tuple[_Sums, int]:
+    """Exchange the status with the other ranks, raise an error if any rank failed, and
+    all-reduce the pass's statistics; returns the sums and the total number of data."""
+    failed = isinstance(outcome, Exception)
+    n_failed, total = distributed.exchange_status(
+        failed, 0 if isinstance(outcome, Exception) else outcome.n_data, device, group
+    )
+    if isinstance(outcome, Exception):
+        raise outcome
+    if n_failed:
+        raise RuntimeError(
+            f"{n_failed} other rank(s) failed during fit (see their errors); this rank's "
+            "statistics were not used and the Laplace is unchanged."
+        )
+    extra = [outcome.loss_stats] if pass_index == 0 else []
+    distributed.all_reduce_([*outcome.curvature.active_state(), *extra], group)
+    return outcome, total
+
+
+def raise_on_flags(flags: Tensor, expected: str) -> None:
     """Raise for the first batch whose outputs or targets were flagged on the device."""
     bad = flags.any(dim=0).tolist()  # one host sync, after the loop
     if bad[0]:
@@ -230,9 +271,4 @@ def raise_on_flags(flags: Tensor, likelihood: Likelihood) -> None:
         )
     if bad[1]:
         index = int(flags[:, 1].nonzero()[0])
-        expected = {
-            Likelihood.CLASSIFICATION: "class labels in [0, C)",
-            Likelihood.REGRESSION: "finite targets",
-            Likelihood.BINARY: "targets equal to 0 or 1",
-        }[likelihood]
         raise ValueError(f"batch {index} has targets out of range; expected {expected}.")

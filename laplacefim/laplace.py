@@ -1,66 +1,45 @@
-"""The ``Laplace`` front door: choose parameters, fit curvature, read the posterior."""
+"""The ``Laplace`` front door: a thin façade over a configuration, hyperparameters and a
+fitted state (:mod:`laplacefim.config`), with fitting, tuning, prediction, persistence and
+fine-tuning done by functions of those values."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
-from pyro.distributions import MultivariateNormal, Normal, TorchDistribution
+from pyro.distributions import TorchDistribution
 from torch import Tensor, nn
 
-from laplacefim import distributed, persistence, tuning
-from laplacefim.curvature import CurvatureEngine
-from laplacefim.distributions import BlockDiagonalNormal
-from laplacefim.fitting import FitState, eval_mode, layout_of, run_fit, unpack
-from laplacefim.likelihoods import make_likelihood
-from laplacefim.marglik import Evidence, PriorTuning
-from laplacefim.optim import NaturalGradient
+from laplacefim import checks, distributed, persistence, posterior, tuning
+from laplacefim.config import MAX_FULL_PARAMS, CurvatureConfig, FitState, Hyperparameters
+from laplacefim.distributions import posterior_distribution
+from laplacefim.finetune import finetune
+from laplacefim.fitting import eval_mode, fit_curvature, make_engine
+from laplacefim.inputs import ModelIO, OutputSpec
+from laplacefim.layout import Layout
+from laplacefim.likelihoods import LikelihoodModel, make_likelihood
+from laplacefim.marglik import PriorTuning
 from laplacefim.options import (
     CurvatureKind,
-    Likelihood,
+    KfacApprox,
     Link,
     PredictMethod,
     PriorStructure,
-    Structure,
     TuneMethod,
     parse_option,
 )
-from laplacefim.precision import PosteriorPrecision
-from laplacefim.predictive import (
-    Prediction,
-    gaussian_prediction,
-    glm_moments,
-    linearised_samples,
-    sampled_outputs,
-    sampled_prediction,
-)
-from laplacefim.structures import BlockDiagonal
-from laplacefim.structures.eigen import CurvatureEigen, PrecisionEigen
-from laplacefim.subsets import Selection, SubsetSpec, validate_subset
+from laplacefim.posterior import PosteriorPrecision
+from laplacefim.prediction import Prediction
+from laplacefim.predictive import glm_moments, linearised_samples, sampled_outputs
+from laplacefim.structures import BlockDiagonal, StructureSpec, make_structure
+from laplacefim.structures.base import Decomposition, Precision
+from laplacefim.subsets import SubsetSpec, select, validate_subset
 
-# A full (P, P) curvature is refused above this many parameters (20,000² float32 ≈ 1.6 GB).
-MAX_FULL_PARAMS = 20_000
-
-
-def _positive(value: Any, name: str, *, allow_zero: bool) -> Tensor:
-    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}.")
-    # Python numbers are kept in float64 and cast where they are used, so that a float64
-    # model sees exactly the value given.
-    tensor = (
-        value.detach()
-        if isinstance(value, Tensor)
-        else torch.tensor(float(value), dtype=torch.float64)
-    )
-    if not tensor.dtype.is_floating_point:
-        tensor = tensor.to(torch.float64)
-    bad = ~torch.isfinite(tensor) | (tensor < 0 if allow_zero else tensor <= 0)
-    if bad.any():
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}.")
-    return tensor
+WEIGHTS_CHECKS = ("raise", "warn", "off")
 
 
 class Laplace:
@@ -74,12 +53,14 @@ class Laplace:
     Args:
         model: The trained model. Its parameters with ``requires_grad=False`` are never
             part of the posterior.
-        likelihood: ``"classification"`` (logits ``(B, C)``), ``"regression"`` (Gaussian
-            noise, outputs ``(B, K)``) or ``"binary"`` (one logit).
+        likelihood: A registered name — ``"classification"`` (logits ``(B, C)``),
+            ``"regression"`` (Gaussian noise, outputs ``(B, K)``), ``"binary"`` (one logit),
+            ``"heteroscedastic"`` (mean and log-variance ``(B, 2K)``) — or an instance.
         subset: ``"all"``, ``"last_layer"`` (the last ``nn.Linear`` executed, found during
             fit), a list of parameter names, or a callable ``(name, param) -> bool``.
-        structure: ``"kron"`` (KFAC; parameters without a Kronecker rule get diagonal
-            blocks), ``"diag"`` or ``"full"``.
+        structure: A registered name — ``"kron"`` (KFAC; parameters without a Kronecker
+            rule get their exact diagonal), ``"diag"``, ``"full"``, ``"ekfac"``,
+            ``"lowrank"`` — or an instance (e.g. ``LowRank(rank=30)``).
         curvature: ``"ggn"``, ``"fisher"`` (Monte-Carlo labels) or ``"empirical_fisher"``.
         prior_precision: Prior precision, a float or a tensor ``(P,)``; ``>= 0``.
         sigma_noise: Observation noise for regression, a float or one value per output.
@@ -88,6 +69,16 @@ class Laplace:
         accumulate_dtype: Dtype in which statistics are formed and summed (for example
             ``torch.float64``); the parameters' dtype by default.
         max_full_params: Largest number of parameters accepted with ``structure="full"``.
+        kfac_approx: ``"expand"`` or ``"reduce"``: the Kronecker flavour for weights shared
+            over positions (sequences, patches).
+        x_key: For mapping batches and inputs, the key of the inputs.
+        y_key: For mapping batches, the key of the targets.
+        call_kwargs: Call ``model(**inputs)`` for mapping inputs (HuggingFace style).
+        output_key: Picks the output tensor from a tuple, mapping or output object the
+            model returns: a key, an index or an attribute name (e.g. ``"logits"``).
+        output_fn: Picks it with a callable instead.
+        weights_check: What happens when the model's weights no longer equal the fitted
+            mean: ``"raise"`` (default), ``"warn"`` or ``"off"``.
 
     Raises:
         ValueError: For an option value that is not valid; the message lists valid ones.
@@ -102,10 +93,10 @@ class Laplace:
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "classification",
+        likelihood: str | LikelihoodModel = "classification",
         *,
         subset: SubsetSpec = "all",
-        structure: str | Structure = "kron",
+        structure: str | StructureSpec = "kron",
         curvature: str | CurvatureKind = "ggn",
         prior_precision: float | Tensor = 1.0,
         sigma_noise: float | Tensor = 1.0,
@@ -113,46 +104,82 @@ class Laplace:
         fisher_samples: int = 1,
         accumulate_dtype: torch.dtype | None = None,
         max_full_params: int = MAX_FULL_PARAMS,
+        kfac_approx: str | KfacApprox = "expand",
+        x_key: str | None = None,
+        y_key: str | None = None,
+        call_kwargs: bool = False,
+        output_key: str | int | None = None,
+        output_fn: Any = None,
+        weights_check: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if output_key is not None and output_fn is not None:
+            raise ValueError("give output_key= or output_fn=, not both.")
+        if weights_check not in WEIGHTS_CHECKS:
+            raise ValueError(
+                f"weights_check={weights_check!r} is not valid; expected one of "
+                f"{list(WEIGHTS_CHECKS)}."
+            )
+        output: OutputSpec = output_fn if output_fn is not None else output_key
         self.model = model
-        self.likelihood = parse_option(likelihood, Likelihood, "likelihood")
-        self.subset = validate_subset(subset)
-        self.structure = parse_option(structure, Structure, "structure")
-        self.curvature_kind = parse_option(curvature, CurvatureKind, "curvature")
+        self.config = CurvatureConfig(
+            make_likelihood(likelihood),
+            make_structure(structure),
+            parse_option(curvature, CurvatureKind, "curvature"),
+            validate_subset(subset),
+            checks.integer(fisher_samples, "fisher_samples"),
+            checks.floating_dtype(accumulate_dtype, "accumulate_dtype"),
+            parse_option(kfac_approx, KfacApprox, "kfac_approx"),
+            checks.integer(max_full_params, "max_full_params"),
+            ModelIO(x_key, y_key, bool(call_kwargs), output),
+        )
+        self.weights_check = weights_check
         self._fit: FitState | None = None
         self._stale = False
-        self._eigens: list[CurvatureEigen] | None = None
-        self.sigma_noise = sigma_noise
-        self.temperature = float(_positive(temperature, "temperature", allow_zero=False))
-        if (
-            isinstance(fisher_samples, bool)
-            or not isinstance(fisher_samples, int)
-            or fisher_samples < 1
-        ):
-            raise ValueError(f"fisher_samples must be an integer >= 1, got {fisher_samples!r}.")
-        self.fisher_samples = fisher_samples
-        if accumulate_dtype is not None and not (
-            isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
-        ):
-            raise TypeError(
-                "accumulate_dtype must be a floating torch.dtype or None, "
-                f"got {accumulate_dtype!r}."
-            )
-        self.accumulate_dtype = accumulate_dtype
-        self.max_full_params = max_full_params
-        self.prior_precision = prior_precision
+        self._versions: tuple[int, ...] = ()
+        self._decompositions: list[Decomposition] | None = None
+        sigma = checks.hyperparameter(sigma_noise, "sigma_noise", allow_zero=False)
+        self._check_noise(sigma)
+        self._hyper = Hyperparameters(
+            self._checked_prior(prior_precision),
+            sigma,
+            checks.number(temperature, "temperature", positive=True),
+        )
 
     # ---------------------------------------------------------------- options
     @property
-    def prior_precision(self) -> Tensor:
-        """Prior precision: 0-d, one value per layer ``(L,)`` or per parameter ``(P,)``."""
-        return self._prior_precision
+    def likelihood(self) -> str:
+        """The likelihood's name."""
+        return self.config.likelihood.name
 
-    @prior_precision.setter
-    def prior_precision(self, value: float | Tensor) -> None:
-        prior = _positive(value, "prior_precision", allow_zero=True)
+    @property
+    def structure(self) -> str:
+        """The structure's name."""
+        return self.config.structure.name
+
+    @property
+    def curvature_kind(self) -> CurvatureKind:
+        """The curvature kind."""
+        return self.config.kind
+
+    @property
+    def subset(self) -> SubsetSpec:
+        """The subset option."""
+        return self.config.subset
+
+    @property
+    def fisher_samples(self) -> int:
+        """Labels drawn per datum for the MC Fisher."""
+        return self.config.fisher_samples
+
+    @property
+    def temperature(self) -> float:
+        """The posterior temperature."""
+        return self._hyper.temperature
+
+    def _checked_prior(self, value: float | Tensor) -> Tensor:
+        prior = checks.hyperparameter(value, "prior_precision", allow_zero=True)
         if prior.ndim > 1:
             raise ValueError(
                 "prior_precision must be a scalar, one value per layer (L,) or per parameter "
@@ -160,28 +187,36 @@ class Laplace:
             )
         if self._fit is not None:
             self._fit.layout.prior_structure(prior)
-        self._prior_precision = prior
+        return prior
 
     @property
-    def sigma_noise(self) -> Tensor:
-        """Observation noise of the regression likelihood: 0-d or one per output ``(K,)``."""
-        return self._sigma_noise
+    def prior_precision(self) -> Tensor:
+        """Prior precision: 0-d, one value per layer ``(L,)`` or per parameter ``(P,)``."""
+        return self._hyper.prior_precision
 
-    @sigma_noise.setter
-    def sigma_noise(self, value: float | Tensor) -> None:
-        sigma = _positive(value, "sigma_noise", allow_zero=False)
-        if self.likelihood is not Likelihood.REGRESSION and not bool((sigma == 1).all()):
-            raise ValueError(
-                f"sigma_noise applies to likelihood='regression' only, got it with "
-                f"likelihood={self.likelihood.value!r}."
-            )
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self._hyper = replace(self._hyper, prior_precision=self._checked_prior(value))
+
+    def _check_noise(self, sigma: Tensor) -> None:
+        self.config.likelihood.check_noise(sigma)
         if sigma.ndim > 1:
             raise ValueError(
                 f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}."
             )
-        if self._fit is not None:
-            self._scale(sigma)  # raises if the fitted curvature cannot follow this noise
-        self._sigma_noise = sigma
+        if self._fit is not None:  # raises if the fitted curvature cannot follow this noise
+            posterior.curvature_scale(self.config, self._hyper, self._fit, sigma)
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """Observation noise of the regression likelihood: 0-d or one per output ``(K,)``."""
+        return self._hyper.sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        sigma = checks.hyperparameter(value, "sigma_noise", allow_zero=False)
+        self._check_noise(sigma)
+        self._hyper = replace(self._hyper, sigma_noise=sigma)
 
     # ---------------------------------------------------------------- fitted state
     def _fitted(self) -> FitState:
@@ -192,7 +227,33 @@ class Laplace:
             )
         if self._fit is None:
             raise RuntimeError("this Laplace has not been fitted; call la.fit(train_loader) first.")
+        self._check_weights(self._fit)
         return self._fit
+
+    def _check_weights(self, fit: FitState) -> None:
+        """Compare the model's weights with the fitted mean when a version counter moved."""
+        versions = tuple(p._version for p in fit.selection.params)
+        if self.weights_check == "off" or versions == self._versions:
+            return
+        difference = float(persistence.weights_difference(fit))
+        if difference == 0.0:
+            self._versions = versions
+            return
+        message = (
+            f"the model's weights changed since the fit (largest |θ - θ*| = {difference:.3g}): "
+            "the posterior describes the old weights. Refit with la.fit(loader), restore the "
+            "weights, or pass weights_check='warn' / 'off' to Laplace to use it anyway."
+        )
+        if self.weights_check == "raise":
+            raise RuntimeError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._versions = versions
+
+    def _set_fit(self, fit: FitState | None) -> None:
+        self._fit = fit
+        self._decompositions = None
+        self._stale = False
+        self._versions = () if fit is None else tuple(p._version for p in fit.selection.params)
 
     @property
     def n_params(self) -> int:
@@ -222,35 +283,7 @@ class Laplace:
     @property
     def log_likelihood(self) -> Tensor:
         """Log-likelihood of the training data at the mean, tempered: ``−Σ nll / T``."""
-        return self._log_likelihood(self.sigma_noise)
-
-    def _log_likelihood(self, sigma: Tensor) -> Tensor:
-        fit = self._fitted()
-        likelihood = make_likelihood(self.likelihood, sigma)
-        stats = fit.loss_stats.to(torch.float64)
-        return likelihood.log_likelihood(stats, fit.n_data, sigma.to(stats)) / self.temperature
-
-    def _scale(self, sigma: Tensor) -> Tensor:
-        """Factor on the fitted curvature for noise ``sigma``: ``1/T`` times the noise ratio.
-
-        The fitted curvature carries the noise of the fit, ``σ_fit``; a scalar noise
-        rescales it by ``(σ_fit/σ)²`` (GGN, Fisher) or ``(σ_fit/σ)⁴`` (empirical Fisher).
-        """
-        fit = self._fitted()
-        scale = torch.tensor(1.0 / self.temperature, dtype=torch.float64, device=fit.mean.device)
-        if self.likelihood is not Likelihood.REGRESSION:
-            return scale
-        sigma_fit = fit.sigma_fit.to(device=fit.mean.device)
-        sigma = sigma.to(device=fit.mean.device)
-        if sigma_fit.ndim > 0 or sigma.ndim > 0:
-            if sigma.shape != sigma_fit.shape or not bool((sigma == sigma_fit).all()):
-                raise ValueError(
-                    "a per-output sigma_noise is part of the fitted curvature; refit to change "
-                    "it (only a scalar sigma_noise can change after the fit)."
-                )
-            return scale
-        power = 4 if self.curvature_kind is CurvatureKind.EMPIRICAL_FISHER else 2
-        return scale * (sigma_fit / sigma) ** power
+        return posterior.log_likelihood(self.config, self._hyper, self._fitted(), self.sigma_noise)
 
     @property
     def curvature(self) -> BlockDiagonal:
@@ -260,32 +293,31 @@ class Laplace:
     @property
     def posterior_precision(self) -> PosteriorPrecision:
         """The posterior precision ``s·F + P₀`` in the fitted structure (``s = 1/T``, times
-        ``(σ_fit/σ)²`` when the regression noise changed after the fit)."""
+        the noise ratio when the regression noise changed after the fit)."""
         fit = self._fitted()
         dtype = fit.curvature.state()[0].dtype
-        prior = self._prior_precision.to(device=fit.mean.device, dtype=dtype)
-        scale = float(self._scale(self.sigma_noise))
+        prior = self.prior_precision.to(device=fit.mean.device, dtype=dtype)
+        scale = float(posterior.curvature_scale(self.config, self._hyper, fit, self.sigma_noise))
         return PosteriorPrecision(fit.curvature, scale, fit.layout.per_param(prior))
 
-    # ---------------------------------------------------------------- evidence
-    def _evidence(self) -> Evidence:
-        fit = self._fitted()
-        if self._eigens is None:
-            self._eigens = [block.decompose() for block in fit.curvature.blocks]
-        # The evidence is summed in float64 whatever the model's dtype: tuning compares values
-        # of order N to a tolerance far below float32's resolution there.
-        theta = fit.mean.to(torch.float64)
-        return Evidence(self._eigens, fit.layout, theta, self._log_likelihood, self._scale)
+    def _decomposed(self) -> list[Decomposition]:
+        if self._decompositions is None:
+            self._decompositions = self._fitted().curvature.decompose()
+        return self._decompositions
 
-    def _hyper(self, value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
+    def _precisions(self, hyper: Hyperparameters | None = None) -> list[Precision]:
+        fit = self._fitted()
+        return posterior.precisions(self.config, hyper or self._hyper, fit, self._decomposed())
+
+    # ---------------------------------------------------------------- evidence
+    def _hyper_value(self, value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
         """A prior or noise value for the evidence: kept differentiable, checked > 0."""
         if value is None:
             value = default
         tensor = (
             value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
         )
-        fit = self._fitted()
-        tensor = tensor.to(device=fit.mean.device, dtype=torch.float64)
+        tensor = tensor.to(device=self._fitted().mean.device, dtype=torch.float64)
         if not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
             raise ValueError(f"{name} must be finite and > 0 for the evidence, got {value!r}.")
         return tensor
@@ -315,9 +347,10 @@ class Laplace:
         Example:
             >>> la.log_marginal_likelihood(torch.tensor(2.0, requires_grad=True)).backward()
         """
-        prior = self._hyper(prior_precision, self._prior_precision, "prior_precision")
-        sigma = self._hyper(sigma_noise, self._sigma_noise, "sigma_noise")
-        return self._evidence()(prior, sigma)
+        prior = self._hyper_value(prior_precision, self.prior_precision, "prior_precision")
+        sigma = self._hyper_value(sigma_noise, self.sigma_noise, "sigma_noise")
+        fit = self._fitted()
+        return posterior.evidence(self.config, self._hyper, fit, self._decomposed())(prior, sigma)
 
     def tune_prior(
         self,
@@ -336,10 +369,10 @@ class Laplace:
         spectrum: Newton's method on the log-hyperparameters for a ``"scalar"`` prior or a
         ``"layerwise"`` one (one value per module), stopping when the predicted gain falls
         below ``tol``; MacKay's fixed point for a ``"diagonal"`` prior (one per parameter;
-        diagonal and full structures only), stopping when the relative change falls below
+        not with Kronecker structures), stopping when the relative change falls below
         ``tol``. ``method="gridsearch"`` picks the scalar prior in ``grid`` (default
         ``10⁻⁴ … 10⁴``, 21 values) with the lowest NLL of the GLM probit predictive on
-        ``val_loader``.
+        ``val_loader`` (batches as for ``fit``).
 
         Args:
             method: ``"marglik"`` or ``"gridsearch"``.
@@ -354,62 +387,53 @@ class Laplace:
             The tuned values, the evidence there, and the iteration count.
 
         Raises:
-            ValueError: For an unknown option, a diagonal prior with ``structure="kron"``,
+            ValueError: For an unknown option, a diagonal prior with a Kronecker structure,
                 noise tuning with a per-output noise, or gridsearch without ``val_loader``.
 
         Example:
             >>> result = la.tune_prior()
             >>> result.prior_precision, result.n_iter
         """
-        return tuning.tune_prior(
-            self,
-            method,
-            prior_structure,
+        method = parse_option(method, TuneMethod, "method")
+        structure = parse_option(prior_structure, PriorStructure, "prior_structure")
+        fit = self._fitted()
+        if method is TuneMethod.GRIDSEARCH:
+
+            def predict(prior: Tensor, x: object) -> Prediction:
+                return self._predict_glm(replace(self._hyper, prior_precision=prior), x)
+
+            best, n_points = tuning.gridsearch(
+                val_loader, grid, self.config, fit.mean.device, predict
+            )
+            self.prior_precision = best
+            value = self.log_marginal_likelihood().detach()
+            return PriorTuning(best, self.sigma_noise, value, n_points, True)
+        evidence = posterior.evidence(self.config, self._hyper, fit, self._decomposed())
+        prior, sigma, n_iter, converged = tuning.tune_evidence(
+            evidence,
+            fit.layout,
+            self.config,
+            self._hyper,
+            structure,
             tune_noise=tune_noise,
-            val_loader=val_loader,
-            grid=grid,
             tol=tol,
             max_iter=max_iter,
         )
+        self.prior_precision = prior
+        if tune_noise and self.config.likelihood.has_noise:
+            self.sigma_noise = sigma
+        value = self.log_marginal_likelihood().detach()
+        return PriorTuning(self.prior_precision, self.sigma_noise, value, n_iter, converged)
 
     # ---------------------------------------------------------------- posterior
-    def _precisions(self) -> list[PrecisionEigen]:
-        """Decomposed posterior-precision blocks at the current prior and noise."""
-        fit = self._fitted()
-        prior = self._prior_precision.to(device=fit.mean.device, dtype=torch.float64)
-        sigma = self._sigma_noise.to(device=fit.mean.device, dtype=torch.float64)
-        dtype = fit.curvature.state()[0].dtype
-        blocks = [block.to(dtype) for block in self._evidence().precision(prior, sigma)]
-        # With a positive prior every eigenvalue is >= the prior. Where the prior has zeros,
-        # an eigenvalue below P·eps of the largest is zero up to rounding: a null direction.
-        floor = 0.0
-        if not bool((self._prior_precision > 0).all()):
-            largest = max(float(block.values.max()) for block in blocks)
-            floor = fit.mean.numel() * torch.finfo(fit.mean.dtype).eps * largest
-        bad = sum(int((~(block.values > floor)).sum()) for block in blocks)
-        if bad:
-            raise ValueError(
-                f"the posterior precision is singular: {bad} of its eigenvalues are zero "
-                f"(prior_precision={self._prior_precision.tolist()}); use a prior precision > 0, "
-                "for example la.prior_precision = 1.0 or la.tune_prior()."
-            )
-        return blocks
-
     @property
     def posterior(self) -> TorchDistribution:
         """The posterior over the flat chosen parameters as a pyro distribution.
 
-        ``structure="full"``: ``MultivariateNormal``; ``"diag"``: ``Normal(...).to_event(1)``;
-        ``"kron"``: a :class:`BlockDiagonalNormal` of Kronecker, dense and diagonal blocks.
+        Diagonal structures give ``Normal(...).to_event(1)``, one dense block a
+        ``MultivariateNormal``, others a :class:`BlockDiagonalNormal`.
         """
-        fit = self._fitted()
-        blocks = self._precisions()
-        if self.structure is Structure.FULL:
-            return MultivariateNormal(fit.mean, precision_matrix=blocks[0].precision())
-        if self.structure is Structure.DIAG:
-            scale = torch.cat([block.values for block in blocks]).rsqrt()
-            return Normal(fit.mean, scale).to_event(1)
-        return BlockDiagonalNormal(fit.mean, blocks)
+        return posterior_distribution(self._fitted().mean, self._precisions())
 
     def sample(self, n_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Weight samples from the posterior, ``(n_samples, P)``.
@@ -421,35 +445,76 @@ class Laplace:
         fit = self._fitted()
         blocks = self._precisions()
         z = torch.randn(
-            (n_samples, fit.mean.numel()),
+            (checks.integer(n_samples, "n_samples"), fit.mean.numel()),
             dtype=fit.mean.dtype,
             device=fit.mean.device,
             generator=generator,
         )
-        parts = z.split([block.values.numel() for block in blocks], dim=1)
+        parts = z.split([block.numel for block in blocks], dim=1)
         return fit.mean + torch.cat(
             [block.sample(part) for block, part in zip(blocks, parts, strict=True)], dim=1
         )
 
-    def _inputs(self, x: Tensor) -> Tensor:
+    def _inputs(self, x: object) -> object:
         fit = self._fitted()
-        if not isinstance(x, Tensor):
-            raise TypeError(f"inputs must be a tensor, got {type(x).__name__}.")
-        if x.device != fit.mean.device:
-            raise ValueError(
-                f"inputs are on {x.device} but the model is on {fit.mean.device}; "
-                f"move them with x.to({str(fit.mean.device)!r})."
+        device = fit.mean.device
+        tensors = (
+            [x] if isinstance(x, Tensor) else list(x.values()) if isinstance(x, Mapping) else None
+        )
+        if tensors is None:
+            raise TypeError(
+                f"inputs must be a tensor or a mapping of tensors, got {type(x).__name__}."
             )
-        if fit.input_shape is not None and tuple(x.shape[1:]) != fit.input_shape:
+        for value in tensors:
+            if isinstance(value, Tensor) and value.device != device:
+                raise ValueError(
+                    f"inputs are on {value.device} but the model is on {device}; "
+                    f"move them with x.to({str(device)!r})."
+                )
+        if (
+            isinstance(x, Tensor)
+            and fit.input_shape is not None
+            and tuple(x.shape[1:]) != fit.input_shape
+        ):
             raise ValueError(
                 f"inputs of shape {tuple(x.shape)} do not match the training inputs "
                 f"(B, {', '.join(map(str, fit.input_shape))})."
             )
+        if (
+            isinstance(x, Mapping)
+            and self.config.io.x_key is not None
+            and self.config.io.x_key in x
+        ):
+            return x[self.config.io.x_key]
         return x
+
+    def _predict_glm(
+        self,
+        hyper: Hyperparameters,
+        x: object,
+        link: Link = Link.PROBIT,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        joint_outputs: bool = False,
+        chunk_size: int = 256,
+    ) -> Prediction:
+        fit = self._fitted()
+        with eval_mode(self.model):
+            engine = make_engine(self.model, self.config, fit.selection, hyper.sigma_noise)
+            mean, cov = glm_moments(engine, fit.curvature, self._precisions(hyper), x, chunk_size)
+        return self.config.likelihood.predictive(
+            mean,
+            cov,
+            link=link,
+            noise=hyper.sigma_noise,
+            n_samples=n_samples,
+            generator=generator,
+            joint_outputs=joint_outputs,
+        )
 
     def predict(
         self,
-        x: Tensor,
+        x: object,
         method: str | PredictMethod = "glm",
         link: str | Link = "probit",
         n_samples: int = 100,
@@ -461,14 +526,15 @@ class Laplace:
         """Predictive distribution at inputs ``x``.
 
         ``method="glm"`` linearises the model around the mean: the outputs are Gaussian
-        with covariance ``J Σ Jᵀ``, computed per layer from captured inputs and output
-        gradients (no Jacobian except for a full all-weights posterior), and ``link``
-        turns it into probabilities: ``"probit"`` (closed-form approximation), ``"mc"``
-        (``n_samples`` logit samples), ``"bridge"`` (Laplace bridge to a Dirichlet).
+        with covariance ``J Σ Jᵀ``, computed per block from captured inputs and output
+        gradients (no Jacobian except for a dense posterior), and ``link`` turns it into
+        probabilities: ``"probit"`` (closed-form approximation), ``"mc"`` (``n_samples``
+        logit samples), ``"bridge"`` (Laplace bridge to a Dirichlet).
         ``method="nn"`` samples ``n_samples`` weight vectors and runs the network.
 
         Args:
-            x: Inputs ``(B, ...)`` on the model's device, shaped like the training inputs.
+            x: Inputs ``(B, ...)`` on the model's device, shaped like the training inputs,
+                or a mapping of them (as the model takes them).
             method: ``"glm"`` or ``"nn"``.
             link: ``"probit"``, ``"mc"`` or ``"bridge"`` (classification, GLM only).
             n_samples: Samples for ``link="mc"`` and ``method="nn"``.
@@ -480,7 +546,7 @@ class Laplace:
             A :class:`Prediction`.
 
         Raises:
-            RuntimeError: Before ``fit``.
+            RuntimeError: Before ``fit``, or when the model's weights changed since.
             ValueError: For inputs on another device or of another shape than the training
                 inputs, unknown options, or a singular posterior precision.
 
@@ -491,38 +557,26 @@ class Laplace:
         link = parse_option(link, Link, "link")
         fit = self._fitted()
         x = self._inputs(x)
+        if method is PredictMethod.GLM:
+            return self._predict_glm(
+                self._hyper, x, link, n_samples, generator, joint_outputs, chunk_size
+            )
         with eval_mode(self.model):
-            if method is PredictMethod.NN:
-                weights = self.sample(n_samples, generator=generator)
-                outputs = sampled_outputs(
-                    self.model, fit.selection.params, weights, x, chunk_size=chunk_size
-                )
-                return sampled_prediction(
-                    self.likelihood,
-                    outputs.to(fit.mean.dtype),
-                    sigma_noise=self._sigma_noise,
-                    joint_outputs=joint_outputs,
-                )
-            engine = self._engine(fit.selection)
-            mean, cov = glm_moments(engine, fit.curvature.blocks, self._precisions(), x, chunk_size)
-        return gaussian_prediction(
-            self.likelihood,
-            mean,
-            cov,
-            link=link,
-            sigma_noise=self._sigma_noise,
-            n_samples=n_samples,
-            generator=generator,
-            joint_outputs=joint_outputs,
+            weights = self.sample(n_samples, generator=generator)
+            outputs = sampled_outputs(
+                self.model, self.config.io, fit.selection.params, weights, x, chunk_size=chunk_size
+            )
+        return self.config.likelihood.sampled_predictive(
+            outputs.to(fit.mean.dtype), noise=self.sigma_noise, joint_outputs=joint_outputs
         )
 
-    def __call__(self, x: Tensor, **options: Any) -> Prediction:
+    def __call__(self, x: object, **options: Any) -> Prediction:
         """Shorthand for :meth:`predict`."""
         return self.predict(x, **options)
 
     def predictive_samples(
         self,
-        x: Tensor,
+        x: object,
         n_samples: int,
         *,
         generator: torch.Generator | None = None,
@@ -534,7 +588,7 @@ class Laplace:
         their covariance across inputs is the GLM's ``J(x) Σ J(x')ᵀ``.
 
         Args:
-            x: Inputs ``(B, ...)``.
+            x: Inputs ``(B, ...)``, or a mapping of them.
             n_samples: Number of function samples ``S``.
             generator: Random generator on the model's device.
             chunk_size: Inputs processed at a time.
@@ -544,7 +598,7 @@ class Laplace:
         deltas = self.sample(n_samples, generator=generator) - fit.mean
         with eval_mode(self.model):
             return linearised_samples(
-                self.model, fit.selection.names, deltas, x, chunk_size=chunk_size
+                self.model, self.config.io, fit.selection.names, deltas, x, chunk_size=chunk_size
             )
 
     # ---------------------------------------------------------------- fine-tuning
@@ -567,7 +621,7 @@ class Laplace:
         marked stale (using it raises until the next ``fit``).
 
         Args:
-            train_loader: ``(inputs, targets)`` batches.
+            train_loader: Batches as for :meth:`fit`.
             epochs: Passes over the data.
             lr: Step size of the natural-gradient steps.
             refit: Refit the posterior at the new mode.
@@ -583,44 +637,17 @@ class Laplace:
             >>> la.fit(loader).tune_prior(); la.finetune(loader, epochs=2, lr=0.5)
         """
         fit = self._fitted()
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}.")
-        prior = float(fit.layout.per_param(self._prior_precision.to(fit.mean)).mean())
-        curvature = options.pop("curvature", self.curvature_kind)
-        options.setdefault("kl_clip", 1e-3)
-        ngd = NaturalGradient(
+        finetune(
             self.model,
-            self.likelihood,
-            n_data=fit.n_data,
-            structure=self.structure,
-            curvature=curvature,
-            subset=list(fit.selection.names),
-            prior_precision=prior,
+            self.config,
+            self._hyper,
+            fit,
+            train_loader,
+            epochs=epochs,
             lr=lr,
-            sigma_noise=float(self._sigma_noise.reshape(-1)[0]),
-            **options,
+            generator=generator,
+            options=options,
         )
-        if ngd.curvature_kind is self.curvature_kind:
-            ngd.set_statistics(fit.curvature, fit.n_data)
-        likelihood = make_likelihood(self.likelihood, self._sigma_noise)
-        device = fit.mean.device
-        for _ in range(epochs):
-            for index, batch in enumerate(train_loader):
-                x, y = unpack(batch, index)
-                x = x.to(device) if isinstance(x, Tensor) else x
-                y = y.to(device)
-                for p in fit.selection.params:
-                    p.grad = None
-                f = likelihood.outputs(self.model(x))
-                targets = likelihood.targets(f.detach(), y)
-                stats = likelihood.loss_stats(f, targets.values)
-                nll = (
-                    -likelihood.log_likelihood(stats, f.shape[0], self._sigma_noise.to(f))
-                    / f.shape[0]
-                )
-                theta = torch.cat([p.reshape(-1) for p in fit.selection.params])
-                (nll + 0.5 * prior * theta.square().sum() / fit.n_data).backward()
-                ngd.step(x, y, generator=generator)
         if refit:
             self.fit(train_loader, generator=generator)
         else:
@@ -630,7 +657,7 @@ class Laplace:
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """Options, prior, noise and fitted statistics: tensors and plain values, no model."""
-        return persistence.state_dict(self)
+        return persistence.state_dict(self.config, self._hyper, self._fit)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; it must match this Laplace's options and model.
@@ -638,7 +665,20 @@ class Laplace:
         Raises:
             ValueError: For a state of other options, another subset or model shapes.
         """
-        persistence.load_state_dict(self, state)
+        hyper, fit = persistence.restore(self.model, self.config, self._hyper, state)
+        options = state["options"]
+        config = replace(self.config, fisher_samples=int(options["fisher_samples"]))
+        self._check_noise_for(fit, hyper, config)
+        self.config = config
+        self._hyper = hyper
+        self._set_fit(fit)
+
+    def _check_noise_for(
+        self, fit: FitState | None, hyper: Hyperparameters, config: CurvatureConfig
+    ) -> None:
+        config.likelihood.check_noise(hyper.sigma_noise)
+        if fit is not None:
+            posterior.curvature_scale(config, hyper, fit, hyper.sigma_noise)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""
@@ -646,14 +686,28 @@ class Laplace:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], model: nn.Module, *, map_location: Any = None
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        map_location: Any = None,
+        strict: bool = True,
+        **io: Any,
     ) -> Laplace:
         """Build a Laplace for ``model`` from a file written by :meth:`save`.
 
         Args:
             path: The file.
-            model: The model the state was fitted on (same parameter names and shapes).
+            model: The model the state was fitted on: same parameter names and shapes,
+                and — with ``strict`` — the weights the posterior was fitted at.
             map_location: As in ``torch.load``, e.g. ``"cpu"``.
+            strict: Refuse a model whose weights differ from the saved mean.
+            **io: ``x_key``, ``y_key``, ``call_kwargs``, ``output_key``, ``output_fn``,
+                ``weights_check``, as for the constructor.
+
+        Raises:
+            ValueError: For a file of another format, a model of other names or shapes,
+                or (``strict``) other weights.
         """
         state = persistence.load(path, map_location)
         options = dict(state["options"])
@@ -661,8 +715,27 @@ class Laplace:
         subset: SubsetSpec = "all"
         if fit is not None:
             subset = "last_layer" if fit["last_layer"] is not None else list(fit["names"])
-        la = cls(model, options.pop("likelihood"), subset=subset, **options)
+        la = cls(
+            model,
+            make_likelihood(options["likelihood"], options["likelihood_options"]),
+            subset=subset,
+            structure=make_structure(options["structure"], options["structure_options"]),
+            curvature=options["curvature"],
+            fisher_samples=options["fisher_samples"],
+            kfac_approx=options["kfac_approx"],
+            **io,
+        )
         la.load_state_dict(state)
+        if la._fit is not None and strict:
+            difference = float(persistence.weights_difference(la._fit))
+            tolerance = 8 * torch.finfo(la._fit.mean.dtype).eps * float(la._fit.mean.abs().max())
+            if difference > tolerance:
+                raise ValueError(
+                    f"the model's weights differ from the fitted mean saved in {str(path)!r} "
+                    f"(largest |θ - θ*| = {difference:.3g}); load the weights the posterior was "
+                    "fitted at into the model first, or pass strict=False (and "
+                    "weights_check='off') to use it anyway."
+                )
         return la
 
     # ---------------------------------------------------------------- fit
@@ -680,79 +753,71 @@ class Laplace:
         """Accumulate the curvature over the data, replacing any earlier fit.
 
         The model runs in eval mode during the fit (each module's mode is restored after).
-        If anything fails, the object is left exactly as it was. When a
-        ``torch.distributed`` process group is initialised, each rank fits the batches its
-        loader yields (e.g. with a ``DistributedSampler``) and the sums are all-reduced, so
-        every rank ends with the posterior of the whole data; a failure on one rank raises
-        on every rank.
+        If anything fails, the object is left exactly as it was. On the first batch, the
+        engine checks that it accounts for every chosen parameter exactly and raises,
+        naming the parameters, where it cannot. When a ``torch.distributed`` process group
+        is initialised, each rank fits the batches its loader yields (e.g. with a
+        ``DistributedSampler``) and the sums are all-reduced, so every rank ends with the
+        posterior of the whole data; a failure on one rank raises on every rank.
 
         Args:
             train_loader: Iterable of ``(inputs, targets)`` batches (a DataLoader, also over
                 an IterableDataset without ``len``, or any generator), or of mappings.
+                Structures that pass over the data more than once (``"ekfac"``,
+                ``"lowrank"``) need a re-iterable loader.
             progress: Show a progress bar (on rank 0).
             generator: Random generator for ``curvature="fisher"``, on the model's device.
             group: Process group to reduce over; the default group if None.
             reduce: Sum the statistics across ranks when a process group is initialised;
                 False fits this rank's data alone (and runs no collective).
             x_key: For mapping batches, the key of the inputs (without it the model gets
-                the mapping less ``y_key``).
-            y_key: For mapping batches, the key of the targets.
+                the mapping less ``y_key``); kept for later calls.
+            y_key: For mapping batches, the key of the targets; kept for later calls.
 
         Returns:
             ``self``.
 
         Raises:
             ValueError: For an empty loader, outputs that are NaN or infinite, targets out
-                of range, or a subset that selects nothing trainable.
+                of range, a subset that selects nothing trainable, or parameters the engine
+                cannot account for exactly.
             TypeError: For batches that are not ``(inputs, targets)`` pairs, or targets of the
                 wrong dtype.
         """
-        with eval_mode(self.model):
-            self._fit = run_fit(
-                self,
-                train_loader,
-                progress,
-                generator,
-                group=group,
-                reduce=reduce,
-                x_key=x_key,
-                y_key=y_key,
+        config = self.config
+        if x_key is not None or y_key is not None:
+            io = replace(
+                config.io,
+                x_key=x_key if x_key is not None else config.io.x_key,
+                y_key=y_key if y_key is not None else config.io.y_key,
             )
-            self._eigens = None
-            self._stale = False
-        return self
-
-    def _engine(self, selection: Selection) -> CurvatureEngine:
-        if self.structure is Structure.FULL and selection.n_params > self.max_full_params:
-            alternatives = "structure='kron' or 'diag'"
-            if self.subset != "last_layer":
-                alternatives += ", or subset='last_layer'"
-            raise ValueError(
-                f"structure='full' over {selection.n_params} parameters would need a "
-                f"{selection.n_params}² matrix (limit max_full_params={self.max_full_params}); "
-                f"use {alternatives}."
-            )
-        layout_of(selection, self.structure).prior_structure(self._prior_precision)
-        dtype = self.accumulate_dtype or selection.params[0].dtype
-        return CurvatureEngine(
+            config = replace(config, io=io)
+        if self.config.subset != "last_layer":
+            Layout.of(select(self.model, config.subset)).prior_structure(self.prior_precision)
+        fit = fit_curvature(
             self.model,
-            selection,
-            self.structure,
-            self.curvature_kind,
-            make_likelihood(self.likelihood, self.sigma_noise),
-            fisher_samples=self.fisher_samples,
-            dtype=dtype,
+            config,
+            self.sigma_noise,
+            train_loader,
+            progress=progress,
+            generator=generator,
+            group=group,
+            reduce=reduce,
         )
+        fit.layout.prior_structure(self.prior_precision)
+        self.config = config
+        self._set_fit(fit)
+        return self
 
     def __repr__(self) -> str:
         fitted = (
-            f"n_params={self.n_params}, n_data={self.n_data}"
+            f"n_params={self._fit.selection.n_params}, n_data={self._fit.n_data}"
             if self._fit is not None
             else "not fitted"
         )
         return (
-            f"Laplace(likelihood={self.likelihood.value!r}, subset={self.subset!r}, "
-            f"structure={self.structure.value!r}, curvature={self.curvature_kind.value!r}, "
+            f"Laplace(likelihood={self.likelihood!r}, subset={self.subset!r}, "
+            f"structure={self.structure!r}, curvature={self.curvature_kind.value!r}, "
             f"{fitted})"
         )
 

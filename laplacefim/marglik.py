@@ -1,10 +1,10 @@
-"""The Laplace log marginal likelihood on a decomposition, and prior / noise tuning.
+"""The Laplace log marginal likelihood on decomposed blocks, and prior / noise tuning.
 
-With each block decomposed once, ``log det(s·F + δ) = Σ log(s·λᵢ + δ)`` for a prior ``δ``
-constant on the block, so the evidence costs O(P) per value of the prior and the noise,
-and is differentiable in both. Tuning maximises it by Newton's method on the logarithms
-of the hyperparameters (a handful of values), or, for one prior per parameter, by MacKay's
-fixed point ``δₚ ← γₚ / θₚ²``.
+With each block decomposed once, ``log det(s·F + δ)`` costs O(p) per value of a prior
+``δ`` constant on an eigen-decomposed block (``Σ log(s·λᵢ + δ)``), and O(p k²) on a
+low-rank block; the evidence is differentiable in the prior and the noise. Tuning
+maximises it by Newton's method on the logarithms of the hyperparameters (a handful of
+values), or, for one prior per parameter, by MacKay's fixed point ``δₚ ← γₚ / θₚ²``.
 """
 
 from __future__ import annotations
@@ -16,87 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laplacefim.layout import Layout
 from laplacefim.options import PriorStructure
-from laplacefim.structures.eigen import CurvatureEigen, PrecisionEigen
+from laplacefim.structures.base import Decomposition, Precision
 
 # Log-hyperparameters are kept in [-LOG_BOUND, LOG_BOUND] (e^±40) during tuning.
 LOG_BOUND = 40.0
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How the flat parameters group into structure blocks and into layers (modules).
-
-    Kept as plain integers per parameter tensor (not one index per parameter), so the
-    layout costs nothing next to the model and needs no device work.
-
-    Attributes:
-        block_sizes: Number of parameters of each block, in flat order.
-        tensor_sizes: Number of parameters of each chosen parameter tensor, in flat order.
-        tensor_layers: Layer index of each chosen parameter tensor.
-        n_layers: Number of layers (modules owning chosen parameters).
-    """
-
-    block_sizes: tuple[int, ...]
-    tensor_sizes: tuple[int, ...]
-    tensor_layers: tuple[int, ...]
-    n_layers: int
-
-    @property
-    def n_params(self) -> int:
-        """Number of parameters ``P``."""
-        return sum(self.tensor_sizes)
-
-    def _expand(self, prior: Tensor, tensors: range) -> Tensor:
-        """A layerwise prior expanded over the parameters of some tensors."""
-        layers = torch.tensor([self.tensor_layers[t] for t in tensors], device=prior.device)
-        sizes = torch.tensor([self.tensor_sizes[t] for t in tensors], device=prior.device)
-        return prior[layers.repeat_interleave(sizes)]  # built only for a layerwise prior
-
-    def prior_structure(self, prior: Tensor) -> PriorStructure:
-        """Which structure a prior tensor has, from its shape.
-
-        Raises:
-            ValueError: If the shape fits none: ``()``, ``(n_layers,)`` or ``(P,)``.
-        """
-        if prior.ndim == 0:
-            return PriorStructure.SCALAR
-        if prior.ndim == 1 and prior.numel() == self.n_params:
-            return PriorStructure.DIAGONAL
-        if prior.ndim == 1 and prior.numel() == self.n_layers:
-            return PriorStructure.LAYERWISE
-        raise ValueError(
-            f"a prior precision of shape {tuple(prior.shape)} fits neither a scalar, one value "
-            f"per layer ({self.n_layers},) nor one per parameter ({self.n_params},)."
-        )
-
-    def per_param(self, prior: Tensor) -> Tensor:
-        """The prior expanded to every parameter ``(P,)``."""
-        structure = self.prior_structure(prior)
-        if structure is PriorStructure.SCALAR:
-            return prior.expand(self.n_params)
-        if structure is PriorStructure.LAYERWISE:
-            return self._expand(prior, range(len(self.tensor_sizes)))
-        return prior
-
-    def per_block(self, prior: Tensor) -> list[Tensor]:
-        """The prior of each block: 0-d where it is constant on the block, else ``(p,)``."""
-        structure = self.prior_structure(prior)
-        if structure is PriorStructure.SCALAR:
-            return [prior for _ in self.block_sizes]
-        if structure is PriorStructure.DIAGONAL:
-            return list(prior.split(list(self.block_sizes)))
-        out, first = [], 0
-        for size in self.block_sizes:
-            last, covered = first, 0
-            while covered < size:
-                covered += self.tensor_sizes[last]
-                last += 1
-            layers = {self.tensor_layers[t] for t in range(first, last)}
-            single = len(layers) == 1
-            out.append(prior[layers.pop()] if single else self._expand(prior, range(first, last)))
-            first = last
-        return out
 
 
 @dataclass(frozen=True)
@@ -104,24 +29,24 @@ class Evidence:
     """The log marginal likelihood as a function of prior precision and noise.
 
     Attributes:
-        eigens: Decomposed curvature blocks.
+        decompositions: Decomposed curvature blocks.
         layout: Block and layer layout.
         theta: The mean ``(P,)`` (the prior mean is 0).
         log_likelihood: Tempered log-likelihood of the data as a function of the noise.
         scale: The factor on the curvature as a function of the noise.
     """
 
-    eigens: list[CurvatureEigen]
+    decompositions: list[Decomposition]
     layout: Layout
     theta: Tensor
     log_likelihood: Callable[[Tensor], Tensor]
     scale: Callable[[Tensor], Tensor]
 
-    def precision(self, prior: Tensor, sigma: Tensor) -> list[PrecisionEigen]:
+    def precision(self, prior: Tensor, sigma: Tensor) -> list[Precision]:
         """Decomposed posterior-precision blocks for this prior and noise."""
         scale = self.scale(sigma)
         priors = self.layout.per_block(prior)
-        return [e.with_prior(scale, p) for e, p in zip(self.eigens, priors, strict=True)]
+        return [d.with_prior(scale, p) for d, p in zip(self.decompositions, priors, strict=True)]
 
     def __call__(self, prior: Tensor, sigma: Tensor) -> Tensor:
         """``log p(D|θ) − ½ θᵀP₀θ − ½ (log det P − log det P₀)``."""

@@ -17,16 +17,19 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from laplacefim import checks
 from laplacefim.geometry.operator import CurvatureOperator
-from laplacefim.geometry.spectrum import Which, block_krylov_eigen
 from laplacefim.geometry.trace import ggn_diagonal
-from laplacefim.options import Likelihood, parse_option
+from laplacefim.inputs import ModelIO
+from laplacefim.likelihoods import LikelihoodModel, make_likelihood
+from laplacefim.linalg import Which, block_krylov_eigen
 from laplacefim.subsets import SubsetSpec
 
 SCALARS = ("trace", "top_eigenvalue", "effective_dimension")
@@ -64,8 +67,9 @@ class FisherMonitor:
     """Record Fisher-geometry statistics of a model on a fixed probe batch during training.
 
     Args:
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
-        probe_batch: ``(inputs, targets)``, kept fixed so that records are comparable.
+        likelihood: A registered likelihood name or instance.
+        probe_batch: ``(inputs, targets)`` or a mapping (see ``io``), kept fixed so that
+            records are comparable.
         every: Record on every ``every``-th call of :meth:`step` (the first call records).
         path: If given, the records are rewritten there after each record (``.json``
             writes JSON, anything else CSV).
@@ -82,6 +86,8 @@ class FisherMonitor:
         sigma_noise: Regression noise.
         subset: Which parameters (as in :class:`~laplacefim.Laplace`).
         generator: CPU generator for the probes and the first eigen start.
+        io: How batches are split and the model is called, as for
+            :class:`~laplacefim.Laplace` (mapping batches need ``y_key``).
 
     Raises:
         ValueError: For bad options.
@@ -95,8 +101,8 @@ class FisherMonitor:
 
     def __init__(
         self,
-        likelihood: str | Likelihood,
-        probe_batch: tuple[Any, Tensor],
+        likelihood: str | LikelihoodModel,
+        probe_batch: tuple[Any, Tensor] | Mapping[str, Any],
         *,
         every: int = 50,
         path: str | os.PathLike[str] | None = None,
@@ -107,28 +113,24 @@ class FisherMonitor:
         sigma_noise: float | Tensor = 1.0,
         subset: SubsetSpec = "all",
         generator: torch.Generator | None = None,
+        io: ModelIO | None = None,
     ) -> None:
-        self.likelihood = parse_option(likelihood, Likelihood, "likelihood")
-        if not isinstance(probe_batch, tuple | list) or len(probe_batch) != 2:
-            raise TypeError("probe_batch must be an (inputs, targets) pair.")
-        for name, value in (("every", every), ("eig_steps", eig_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if n_probes is not None and (
-            isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2
-        ):
-            raise ValueError(f"n_probes must be None (exact) or an integer >= 2, got {n_probes!r}.")
+        self.likelihood = make_likelihood(likelihood)
+        self.io = io or ModelIO()
+        self.io.split(probe_batch, 0)  # raises for anything but a pair or a keyed mapping
+        self.every = checks.integer(every, "every")
+        self.eig_steps = checks.integer(eig_steps, "eig_steps")
+        if n_probes is not None:
+            checks.integer(n_probes, "n_probes", minimum=2)
         if not jump_factor > 1:
             raise ValueError(f"jump_factor must be > 1, got {jump_factor!r}.")
         if not (math.isfinite(prior_precision) and prior_precision > 0):
             raise ValueError(f"prior_precision must be finite and > 0, got {prior_precision!r}.")
-        self.probe_batch = (probe_batch[0], probe_batch[1])
-        self.every = every
+        self.probe_batch = probe_batch
         self.path = path
         self.jump_factor = float(jump_factor)
         self.n_probes = n_probes
         self.prior_precision = float(prior_precision)
-        self.eig_steps = eig_steps
         self.sigma_noise = sigma_noise
         self.subset = subset
         self.generator = generator
@@ -176,6 +178,7 @@ class FisherMonitor:
             self.likelihood,
             sigma_noise=self.sigma_noise,
             subset=self.subset,
+            io=self.io,
         )
         self._names = op.names
         sizes = [p.numel() for p in op.selection.params]

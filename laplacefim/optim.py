@@ -23,13 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from laplacefim import distributed
-from laplacefim.curvature import CurvatureEngine
-from laplacefim.fitting import eval_mode
-from laplacefim.likelihoods import make_likelihood
-from laplacefim.options import CurvatureKind, Likelihood, Structure, parse_option
-from laplacefim.structures import BlockDiagonal
-from laplacefim.structures.eigen import CurvatureEigen
+from laplacefim import checks, distributed
+from laplacefim.config import CurvatureConfig
+from laplacefim.fitting import eval_mode, make_engine, model_device
+from laplacefim.likelihoods import LikelihoodModel, make_likelihood
+from laplacefim.options import CurvatureKind, parse_option
+from laplacefim.structures import (
+    BlockDiagonal,
+    Plan,
+    StructureSpec,
+    make_structure,
+    restore_blocks,
+    save_blocks,
+)
+from laplacefim.structures.base import Decomposition
+from laplacefim.structures.diag import DiagBlock
 from laplacefim.subsets import SubsetSpec, select, validate_subset
 
 Schedule = float | Callable[[int], float]
@@ -43,13 +51,7 @@ def _value(schedule: Schedule, step: int) -> float:
 def _check_schedule(value: object, name: str) -> Schedule:
     if callable(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(
-            f"{name} must be a finite number or a callable of the step, got {value!r}."
-        )
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}.")
-    return float(value)
+    return checks.number(value, name, non_negative=True)
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,10 @@ class NaturalGradient:
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "classification",
+        likelihood: str | LikelihoodModel = "classification",
         *,
         n_data: int,
-        structure: str | Structure = "kron",
+        structure: str | StructureSpec = "kron",
         curvature: str | CurvatureKind = "fisher",
         subset: SubsetSpec = "all",
         damping: Schedule = 1e-3,
@@ -139,44 +141,38 @@ class NaturalGradient:
                 "NaturalGradient needs explicit parameters; pass the last layer's names, "
                 "e.g. subset=['fc.weight', 'fc.bias'] (Laplace.finetune does this for you)."
             )
-        if isinstance(n_data, bool) or not isinstance(n_data, int) or n_data < 1:
-            raise ValueError(f"n_data must be a positive integer, got {n_data!r}.")
-        for name, value in (
-            ("update_interval", update_interval),
-            ("decompose_interval", decompose_interval),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        self.n_data = checks.integer(n_data, "n_data")
+        self.update_interval = checks.integer(update_interval, "update_interval")
+        self.decompose_interval = checks.integer(decompose_interval, "decompose_interval")
         if nonfinite not in NONFINITE:
             raise ValueError(
                 f"nonfinite={nonfinite!r} is not valid; expected one of {list(NONFINITE)}."
             )
-        if not math.isfinite(prior_precision) or prior_precision < 0:
-            raise ValueError(f"prior_precision must be finite and >= 0, got {prior_precision!r}.")
+        self.config = CurvatureConfig(
+            make_likelihood(likelihood),
+            make_structure(structure),
+            parse_option(curvature, CurvatureKind, "curvature"),
+            validate_subset(subset),
+            checks.integer(fisher_samples, "fisher_samples"),
+        )
+        if not self.config.structure.single_pass:
+            raise ValueError(
+                f"structure={self.config.structure.name!r} needs several passes over the data "
+                "per refresh; NaturalGradient takes a single-pass structure ('kron', 'diag' or "
+                "'full')."
+            )
         self.model = model
-        self.likelihood = parse_option(likelihood, Likelihood, "likelihood")
-        self.structure = parse_option(structure, Structure, "structure")
-        self.curvature_kind = parse_option(curvature, CurvatureKind, "curvature")
-        self.selection = select(model, validate_subset(subset))
-        self.n_data = n_data
+        self.selection = select(model, self.config.subset)
+        self.prior_precision = checks.number(prior_precision, "prior_precision", non_negative=True)
         self.damping = _check_schedule(damping, "damping")
-        self.prior_precision = float(prior_precision)
         self.lr = None if lr is None else _check_schedule(lr, "lr")
         self.ema_decay = _check_schedule(ema_decay, "ema_decay")
         self.kl_clip = None if kl_clip is None else _check_schedule(kl_clip, "kl_clip")
-        self.update_interval = update_interval
-        self.decompose_interval = decompose_interval
         self.nonfinite = nonfinite
         self.group = group
-        self.engine = CurvatureEngine(
-            model,
-            self.selection,
-            self.structure,
-            self.curvature_kind,
-            make_likelihood(self.likelihood, torch.tensor(float(sigma_noise), dtype=torch.float64)),
-            fisher_samples=fisher_samples,
-            dtype=self.selection.params[0].dtype,
-        )
+        noise = checks.hyperparameter(sigma_noise, "sigma_noise", allow_zero=False)
+        self.config.likelihood.check_noise(noise)
+        self.engine = make_engine(model, self.config, self.selection, noise)
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [
@@ -191,9 +187,24 @@ class NaturalGradient:
                 )
         self.statistics: BlockDiagonal | None = None
         self._decomposed: BlockDiagonal | None = None  # the statistics the step now uses
-        self._eigens: list[CurvatureEigen] | None = None
+        self._decompositions: list[Decomposition] | None = None
         self.n_steps = 0
         self.n_updates = 0
+
+    @property
+    def likelihood(self) -> str:
+        """The likelihood's name."""
+        return self.config.likelihood.name
+
+    @property
+    def structure(self) -> str:
+        """The structure's name."""
+        return self.config.structure.name
+
+    @property
+    def curvature_kind(self) -> CurvatureKind:
+        """The curvature kind."""
+        return self.config.kind
 
     # ---------------------------------------------------------------- statistics
     def set_statistics(self, curvature: BlockDiagonal, n_data: int) -> None:
@@ -202,18 +213,26 @@ class NaturalGradient:
         Raises:
             ValueError: If its layout does not match this preconditioner's.
         """
-        zeros = self.engine.zeros().state()
-        state = curvature.state()
-        if len(state) != len(zeros) or any(
-            a.shape != b.shape for a, b in zip(state, zeros, strict=True)
+        self._check_layout(curvature)
+        self.statistics = curvature.clone().scale_(1.0 / n_data)
+        self._decompositions = None
+        self.n_updates = max(self.n_updates, 1)
+
+    def _check_layout(self, curvature: BlockDiagonal) -> None:
+        kinds = (*self.config.structure.block_types, DiagBlock)
+        if curvature.numel != self.selection.n_params or not all(
+            isinstance(block, kinds) for block in curvature.blocks
         ):
             raise ValueError(
                 "the curvature's layout does not match this preconditioner's parameters "
-                "and structure."
+                f"and structure ({self.structure!r} over {self.selection.n_params} parameters)."
             )
-        self.statistics = curvature.clone().scale_(1.0 / n_data)
-        self._eigens = None
-        self.n_updates = max(self.n_updates, 1)
+        names = [name for block in curvature.blocks for name in block.names]
+        if list(dict.fromkeys(names)) != list(self.selection.names):
+            raise ValueError(
+                "the curvature's layout does not match this preconditioner's parameters: it "
+                f"covers {list(dict.fromkeys(names))}, this one {list(self.selection.names)}."
+            )
 
     def update_statistics(
         self, x: object, y: Tensor, generator: torch.Generator | None = None
@@ -224,10 +243,29 @@ class NaturalGradient:
             False if the batch's statistics were not finite (they are then ignored).
         """
         with eval_mode(self.model):
-            stats = self.engine.batch(x, y, generator)
-        batch = self.engine.zeros().add_(stats.contributions)
+            rows = self.engine.batch(x, y, generator)
+        if self.statistics is None:
+            plan = Plan(
+                tuple(
+                    zip(
+                        self.selection.names,
+                        (p.numel() for p in self.selection.params),
+                        strict=True,
+                    )
+                ),
+                rows.segments,
+                self.config.kind,
+                self.config.kfac_approx,
+                self.config.max_full_params,
+                self.engine.dtype,
+                model_device(self.model),
+            )
+            batch = BlockDiagonal(self.config.structure.build(plan))
+        else:
+            batch = self.statistics.zeros_like()
+        batch.add_(batch.statistics(rows.segments))
         _, n_data = distributed.exchange_status(
-            False, stats.n_data, batch.state()[0].device, self.group
+            False, rows.n_data, batch.state()[0].device, self.group
         )
         distributed.all_reduce_(batch.state(), self.group)
         finite = torch.stack([torch.isfinite(t).all() for t in batch.state()]).all()
@@ -237,7 +275,9 @@ class NaturalGradient:
             self.statistics = batch.scale_(1.0 / n_data)
         else:
             decay = _value(self.ema_decay, self.n_steps)
-            self.statistics.scale_(decay).add_(batch.scale_((1.0 - decay) / n_data).state())
+            self.statistics.scale_(decay)
+            for total, part in zip(self.statistics.state(), batch.state(), strict=True):
+                total.add_(part, alpha=(1.0 - decay) / n_data)
         self.n_updates += 1
         return True
 
@@ -248,7 +288,7 @@ class NaturalGradient:
                 "no curvature statistics yet; call update_statistics or precondition first."
             )
         self._decomposed = statistics.clone()
-        self._eigens = [block.decompose() for block in statistics.blocks]
+        self._decompositions = statistics.decompose()
 
     # ---------------------------------------------------------------- steps
     def _flat_grad(self) -> Tensor:
@@ -261,19 +301,21 @@ class NaturalGradient:
 
     def direction(self, grad: Tensor) -> Tensor:
         """Solve ``(F̄ + (P₀ + λ)/N) d = grad`` for a flat gradient ``(P,)``."""
-        if self._eigens is None:
+        if self._decompositions is None or self._decomposed is None:
             self._decompose()
-        eigens: list[CurvatureEigen] = self._eigens  # type: ignore[assignment]
+        decompositions: list[Decomposition] = self._decompositions  # type: ignore[assignment]
         shift = (self.prior_precision + _value(self.damping, self.n_steps)) / self.n_data
         if shift <= 0:
             raise ValueError(
                 "damping and prior_precision are both 0: the step is undefined where F is singular."
             )
-        dtype = eigens[0].eigenvalues.dtype
+        dtype = self._decomposed.state()[0].dtype  # type: ignore[union-attr]
         prior = torch.tensor(shift, dtype=dtype, device=grad.device)
-        parts = grad.to(dtype).split([e.eigenvalues.numel() for e in eigens])
+        sizes = self._decomposed.sizes  # type: ignore[union-attr]
+        parts = grad.to(dtype).split(sizes)
         solved = [
-            e.with_prior(1.0, prior).solve(part) for e, part in zip(eigens, parts, strict=True)
+            d.with_prior(1.0, prior).solve(part)
+            for d, part in zip(decompositions, parts, strict=True)
         ]
         return torch.cat(solved).to(grad.dtype)
 
@@ -299,7 +341,7 @@ class NaturalGradient:
         updated = False
         if self.statistics is None or self.n_steps % self.update_interval == 0:
             updated = self.update_statistics(x, y, generator)
-        decomposed = self._eigens is None or self.n_steps % self.decompose_interval == 0
+        decomposed = self._decompositions is None or self.n_steps % self.decompose_interval == 0
         if decomposed:
             self._decompose()
         direction = self.direction(grad)
@@ -336,16 +378,12 @@ class NaturalGradient:
         """Counters, options and the moving-average statistics (tensors and plain values)."""
         return {
             "names": list(self.selection.names),
-            "structure": self.structure.value,
+            "structure": self.structure,
             "curvature": self.curvature_kind.value,
             "n_steps": self.n_steps,
             "n_updates": self.n_updates,
-            "statistics": None
-            if self.statistics is None
-            else [t.clone() for t in self.statistics.state()],
-            "decomposed": None
-            if self._decomposed is None
-            else [t.clone() for t in self._decomposed.state()],
+            "statistics": None if self.statistics is None else save_blocks(self.statistics),
+            "decomposed": None if self._decomposed is None else save_blocks(self._decomposed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,7 +394,7 @@ class NaturalGradient:
         """
         for key, here in (
             ("names", list(self.selection.names)),
-            ("structure", self.structure.value),
+            ("structure", self.structure),
             ("curvature", self.curvature_kind.value),
         ):
             if state[key] != here:
@@ -366,20 +404,17 @@ class NaturalGradient:
                 )
         statistics = self._restore(state["statistics"])
         decomposed = self._restore(state.get("decomposed"))
-        self.statistics, self._decomposed, self._eigens = statistics, None, None
+        self.statistics, self._decomposed, self._decompositions = statistics, None, None
         if decomposed is not None:
             self._decompose(decomposed)  # the step goes on with the same decomposition
         self.n_steps, self.n_updates = int(state["n_steps"]), int(state["n_updates"])
 
-    def _restore(self, tensors: list[Tensor] | None) -> BlockDiagonal | None:
-        if tensors is None:
+    def _restore(self, saved: list[Any] | None) -> BlockDiagonal | None:
+        if saved is None:
             return None
-        blocks = self.engine.zeros()
-        zeros = blocks.state()
-        if len(zeros) != len(tensors) or any(
-            a.shape != b.shape for a, b in zip(tensors, zeros, strict=True)
-        ):
-            raise ValueError("the saved statistics do not fit this model's parameters.")
-        for target, value in zip(zeros, tensors, strict=True):
-            target.copy_(value)
+        blocks = restore_blocks(saved)
+        try:
+            self._check_layout(blocks)
+        except ValueError as error:
+            raise ValueError(f"the saved statistics do not fit: {error}") from error
         return blocks

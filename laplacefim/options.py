@@ -1,4 +1,9 @@
-"""Option values accepted at the API boundary, validated once into enums."""
+"""Closed option sets, validated once at the API boundary into enums.
+
+The open axes — structures, likelihoods and layer rules — are registries instead
+(:mod:`laplacefim.structures`, :mod:`laplacefim.likelihoods`,
+:mod:`laplacefim.curvature.rules`), so that adding one touches no list here.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +11,6 @@ from enum import Enum
 from typing import TypeVar
 
 E = TypeVar("E", bound=Enum)
-
-
-class Likelihood(str, Enum):
-    """Which likelihood the model's outputs parametrise."""
-
-    CLASSIFICATION = "classification"
-    REGRESSION = "regression"
-    BINARY = "binary"
-
-
-class Structure(str, Enum):
-    """How the curvature matrix is approximated."""
-
-    FULL = "full"
-    DIAG = "diag"
-    KRON = "kron"
-
-
-class CurvatureKind(str, Enum):
-    """Which curvature matrix is accumulated."""
-
-    GGN = "ggn"
-    FISHER = "fisher"
-    EMPIRICAL_FISHER = "empirical_fisher"
 
 
 def parse_option(value: object, enum: type[E], name: str) -> E:
@@ -52,6 +33,23 @@ def parse_option(value: object, enum: type[E], name: str) -> E:
     if isinstance(value, str) and value in valid:
         return enum(value)
     raise ValueError(f"{name}={value!r} is not valid; expected one of {valid}.")
+
+
+class CurvatureKind(str, Enum):
+    """Which curvature matrix is accumulated."""
+
+    GGN = "ggn"
+    FISHER = "fisher"
+    EMPIRICAL_FISHER = "empirical_fisher"
+
+
+class KfacApprox(str, Enum):
+    """How a Kronecker factor treats a weight shared over positions (Eschenhagen et al.,
+    2023): ``expand`` sums over data and positions alike; ``reduce`` first sums the output
+    gradients and averages the inputs over the positions of each datum."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
 
 
 class PriorStructure(str, Enum):

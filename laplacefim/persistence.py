@@ -1,47 +1,61 @@
-"""Saving and loading a fitted ``Laplace``: tensors and plain values only, written atomically."""
+"""Saving and loading a fit: tensors and plain values only, written atomically.
+
+Functions of values: a state is made from a configuration, hyperparameters and a fitted
+state, and restored into them for a given model (whose parameter names and shapes must
+match; ``Laplace.load`` also checks the weights).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from laplacefim.fitting import FitState, layout_of
+from laplacefim import checks
+from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
+from laplacefim.layout import Layout
+from laplacefim.structures import restore_blocks, save_blocks
 from laplacefim.subsets import select
 
-if TYPE_CHECKING:
-    from laplacefim.laplace import Laplace
-
 FORMAT = "laplacefim.Laplace"
-VERSION = 1
+VERSION = 2
 
 
-def state_dict(la: Laplace) -> dict[str, Any]:
-    """The state of ``la``: options, prior, noise and the fitted statistics (no model)."""
+def options_of(config: CurvatureConfig, hyper: Hyperparameters) -> dict[str, Any]:
+    """The options that define a fit, as plain values."""
+    return {
+        "likelihood": config.likelihood.name,
+        "likelihood_options": dict(config.likelihood.options()),
+        "structure": config.structure.name,
+        "structure_options": dict(config.structure.options()),
+        "curvature": config.kind.value,
+        "kfac_approx": config.kfac_approx.value,
+        "temperature": hyper.temperature,
+        "fisher_samples": config.fisher_samples,
+    }
+
+
+def state_dict(
+    config: CurvatureConfig, hyper: Hyperparameters, fit: FitState | None
+) -> dict[str, Any]:
+    """Options, prior, noise and the fitted statistics (no model)."""
     state: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
-        "options": {
-            "likelihood": la.likelihood.value,
-            "structure": la.structure.value,
-            "curvature": la.curvature_kind.value,
-            "temperature": la.temperature,
-            "fisher_samples": la.fisher_samples,
-        },
-        "prior_precision": la.prior_precision.clone(),
-        "sigma_noise": la.sigma_noise.clone(),
+        "options": options_of(config, hyper),
+        "prior_precision": hyper.prior_precision.clone(),
+        "sigma_noise": hyper.sigma_noise.clone(),
         "fit": None,
     }
-    fit = la._fit
     if fit is not None:
         state["fit"] = {
             "names": list(fit.selection.names),
             "shapes": [list(p.shape) for p in fit.selection.params],
             "last_layer": fit.last_layer,
-            "curvature": [t.clone() for t in fit.curvature.state()],
+            "blocks": save_blocks(fit.curvature),
             "mean": fit.mean.clone(),
             "loss_stats": fit.loss_stats.clone(),
             "n_data": fit.n_data,
@@ -58,87 +72,80 @@ def _mismatch(what: str, saved: object, here: object) -> ValueError:
     )
 
 
-def load_state_dict(la: Laplace, state: dict[str, Any]) -> None:
-    """Restore a state from :func:`state_dict` into ``la``, checking that it fits.
+def check_format(state: dict[str, Any]) -> None:
+    """Raise unless ``state`` is a state of this format and version."""
+    if state.get("format") != FORMAT:
+        raise ValueError(f"not a laplacefim Laplace state (format={state.get('format')!r}).")
+    if state.get("version") != VERSION:
+        raise ValueError(
+            f"the state has format version {state.get('version')!r}; this laplacefim reads "
+            f"version {VERSION}. Refit and save again."
+        )
+
+
+def restore(
+    model: nn.Module, config: CurvatureConfig, hyper: Hyperparameters, state: dict[str, Any]
+) -> tuple[Hyperparameters, FitState | None]:
+    """The hyperparameters and fitted state saved in ``state``, checked against ``model``.
 
     Raises:
         ValueError: If the state was made for other options, another subset, or a model
             whose parameters have other shapes.
     """
-    if state.get("format") != FORMAT:
-        raise ValueError(f"not a laplacefim Laplace state (format={state.get('format')!r}).")
-    options = state["options"]
-    for key, here in (
-        ("likelihood", la.likelihood.value),
-        ("structure", la.structure.value),
-        ("curvature", la.curvature_kind.value),
-    ):
-        if options[key] != here:
-            raise _mismatch(key, options[key], here)
+    check_format(state)
+    saved_options = state["options"]
+    here = options_of(config, hyper)
+    for key in ("likelihood", "likelihood_options", "structure", "structure_options", "curvature"):
+        if saved_options[key] != here[key]:
+            raise _mismatch(key, saved_options[key], here[key])
     saved = state["fit"]
     fit = None
     if saved is not None:
-        named = dict(la.model.named_parameters())
+        named = dict(model.named_parameters())
         missing = [name for name in saved["names"] if name not in named]
         if missing:
             raise ValueError(f"the model has no parameters named {missing} from the saved state.")
         saved_last = saved["last_layer"] is not None
-        if saved_last != (la.subset == "last_layer"):
+        if saved_last != (config.subset == "last_layer"):
             saved_subset = "last_layer" if saved_last else saved["names"]
-            raise _mismatch("subset", saved_subset, la.subset)
-        selection = select(la.model, la.subset, saved["last_layer"])
+            raise _mismatch("subset", saved_subset, config.subset)
+        selection = select(model, config.subset, saved["last_layer"])
         if list(selection.names) != saved["names"]:
             raise _mismatch("the parameters", saved["names"], list(selection.names))
         shapes = [list(p.shape) for p in selection.params]
         if shapes != saved["shapes"]:
             raise _mismatch("parameter shapes", saved["shapes"], shapes)
-        engine = la._engine(selection)
-        curvature = engine.zeros()
-        tensors: list[Tensor] = saved["curvature"]
-        if len(tensors) != len(curvature.state()) or any(
-            t.shape != z.shape for t, z in zip(tensors, curvature.state(), strict=False)
-        ):
+        device = selection.params[0].device
+        curvature = restore_blocks(
+            [
+                (name, spec, [t.to(device) for t in tensors])
+                for name, spec, tensors in saved["blocks"]
+            ]
+        )
+        if curvature.numel != selection.n_params:
             raise ValueError(
-                "the saved curvature does not fit this model's parameters (different layer "
-                "shapes or types); load it into the model it was fitted on."
+                f"the saved curvature covers {curvature.numel} parameters, the model's "
+                f"selection {selection.n_params}; load it into the model it was fitted on."
             )
-        for target, value in zip(curvature.state(), tensors, strict=True):
-            target.copy_(value)
-        mean = saved["mean"].to(curvature.state()[0])
-        if mean.shape != (selection.n_params,):
-            raise ValueError(
-                f"the saved mean has shape {tuple(mean.shape)}, expected ({selection.n_params},)."
-            )
+        mean = saved["mean"].to(device)
         shape = saved["input_shape"]
         fit = FitState(
             selection,
             saved["last_layer"],
             curvature,
             mean,
-            saved["loss_stats"].to(mean.device),
+            saved["loss_stats"].to(device),
             int(saved["n_data"]),
             saved["sigma_fit"],
-            layout_of(selection, la.structure),
+            Layout.of(selection, curvature.sizes),
             None if shape is None else tuple(shape),
         )
-    before = (
-        la._fit,
-        la._eigens,
-        la.temperature,
-        la.fisher_samples,
-        la.sigma_noise,
-        la.prior_precision,
-    )
-    try:
-        la._fit, la._eigens = fit, None
-        la.temperature = float(options["temperature"])
-        la.fisher_samples = int(options["fisher_samples"])
-        la.sigma_noise = state["sigma_noise"]
-        la.prior_precision = state["prior_precision"]
-    except Exception:
-        la._fit, la._eigens, la.temperature, la.fisher_samples = before[:4]
-        la._sigma_noise, la._prior_precision = before[4:]
-        raise
+    prior = checks.hyperparameter(state["prior_precision"], "prior_precision", allow_zero=True)
+    sigma = checks.hyperparameter(state["sigma_noise"], "sigma_noise", allow_zero=False)
+    temperature = checks.number(saved_options["temperature"], "temperature", positive=True)
+    if fit is not None:
+        fit.layout.prior_structure(prior)
+    return Hyperparameters(prior, sigma, temperature), fit
 
 
 def save(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -157,4 +164,11 @@ def save(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 def load(path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:
     """Read a state written by :func:`save` (tensors and plain values only)."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    check_format(state)
+    return state
+
+
+def weights_difference(fit: FitState) -> Tensor:
+    """Largest ``|θ − θ*|`` between the model's chosen parameters and the fitted mean."""
+    return (fit.selection.flat().to(fit.mean) - fit.mean).abs().max()

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from laplacefim.inputs import ModelIO
+
 SubsetSpec = str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 SUBSET_KEYWORDS = ("all", "last_layer")
 
@@ -105,12 +107,13 @@ def select(model: nn.Module, subset: SubsetSpec, last_layer: str | None = None) 
     return Selection(tuple(trainable), tuple(named[name] for name in trainable))
 
 
-def find_last_linear(model: nn.Module, inputs: object) -> str:
+def find_last_linear(model: nn.Module, inputs: object, io: ModelIO | None = None) -> str:
     """Find the last ``nn.Linear`` module executed by a forward pass.
 
     Args:
         model: The model.
         inputs: One batch of inputs, as the model takes them.
+        io: How to call the model (plain ``model(inputs)`` if None).
 
     Returns:
         The module's name in ``model.named_modules()``.
@@ -126,7 +129,7 @@ def find_last_linear(model: nn.Module, inputs: object) -> str:
     ]
     try:
         with torch.no_grad():
-            model(inputs)
+            (io or ModelIO()).call(model, inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -79,7 +79,7 @@ def _assert_same(la, other, x_test: Tensor) -> None:
     assert torch.equal(other.prior_precision, la.prior_precision)
     assert torch.equal(other.sigma_noise, la.sigma_noise)
     assert torch.equal(other.posterior_precision.to_dense(), la.posterior_precision.to_dense())
-    for link in ("probit", "mc") if la.likelihood.value != "regression" else ("probit",):
+    for link in ("probit", "mc") if la.likelihood != "regression" else ("probit",):
         a = la.predict(x_test, link=link, generator=_gen(1), n_samples=16, joint_outputs=True)
         b = other.predict(x_test, link=link, generator=_gen(1), n_samples=16, joint_outputs=True)
         for field in (

@@ -1,5 +1,6 @@
-"""The curvature engine: per-layer statistics of the GGN, the MC Fisher and the empirical Fisher."""
+"""The curvature engine: per-parameter segments of the GGN, the MC Fisher and the empirical
+Fisher, from one forward and one batched backward per batch."""
 
-from laplacefim.curvature.engine import CurvatureEngine
+from laplacefim.curvature.engine import BatchRows, CurvatureEngine, Slot
 
-__all__ = ["CurvatureEngine"]
+__all__ = ["BatchRows", "CurvatureEngine", "Slot"]

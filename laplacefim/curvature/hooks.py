@@ -1,8 +1,15 @@
-"""Forward hooks that record what each layer saw: its inputs and its output tensor.
+"""Forward hooks that record what each watched module saw: its inputs and its outputs.
 
 The engine later asks autograd for the gradients of the backpropagated columns with
 respect to the recorded outputs (never with respect to the weights), which is all the
-per-layer statistics need.
+per-layer rules need. Outputs may be any nest of tensors (tuples from attention and
+recurrent layers); each tensor in it is recorded.
+
+An output whose leading dimension is 1 while the batch has ``B > 1`` rows (a learned
+position embedding looked up with ``(1, T)`` ids and broadcast over the batch) is
+*expanded* to ``B`` rows on its way out, so that its gradient arrives per datum instead of
+summed over the batch; the call notes it, and rules expand the matching inputs. The
+engine's audit checks, on the first batch, that this leaves the model's outputs unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 @dataclass
@@ -23,15 +31,29 @@ class Call:
     Attributes:
         args: Positional inputs, detached.
         kwargs: Keyword inputs, detached where they are tensors.
-        output: The output tensor as produced, the one gradients are taken against.
-        returned: What the module handed on (a clone of ``output`` when gradients flow, so
-            that in-place operations after the layer cannot alter ``output``).
+        outputs: The floating-point tensors of the output (flattened nest, in order), as
+            the gradients are taken against them: expanded to the batch where broadcast.
+        expanded: Per output tensor, whether it was expanded from a leading 1.
+        batch: Rows of the batch the call belongs to.
+        returned: The tensors handed on in place of ``outputs`` (clones while autograd
+            records, so that later in-place operations leave ``outputs`` intact).
+        grads: Filled by the engine: per output tensor, ``(V, *shape)`` gradients of the
+            columns (zeros where the output does not reach the model's output).
     """
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    output: Tensor
-    returned: Tensor
+    outputs: list[Tensor]
+    expanded: list[bool]
+    batch: int
+    returned: list[Tensor]
+    grads: list[Tensor] = field(default_factory=list)
+
+    def arg(self, index: int, name: str) -> Any:
+        """The call's argument by position, or by keyword when not given positionally."""
+        if len(self.args) > index:
+            return self.args[index]
+        return self.kwargs.get(name)
 
 
 @dataclass
@@ -46,19 +68,20 @@ def _detach(value: Any) -> Any:
 
 
 @contextmanager
-def record(modules: Mapping[str, nn.Module], *, track_grad: bool) -> Iterator[Recording]:
+def record(
+    modules: Mapping[str, nn.Module], *, track_grad: bool, batch: int
+) -> Iterator[Recording]:
     """Record the inputs and outputs of ``modules`` while the block runs.
 
     Args:
         modules: The modules to watch, by name.
-        track_grad: Whether autograd records the forward pass. When True, each output is
-            cloned on its way out so that later in-place operations leave it intact.
+        track_grad: Whether autograd records the forward pass. When True, each output
+            tensor is cloned on its way out so that later in-place operations leave the
+            recorded one intact.
+        batch: Rows of the batch ``B``; outputs with a leading 1 are expanded to it.
 
     Yields:
         The recording, filled as the model runs.
-
-    Raises:
-        TypeError: If a watched module returns something other than one tensor.
     """
     recording = Recording({name: [] for name in modules})
 
@@ -66,22 +89,33 @@ def record(modules: Mapping[str, nn.Module], *, track_grad: bool) -> Iterator[Re
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"module {name!r} ({type(module).__name__}) returned "
-                    f"{type(output).__name__}; laplacefim needs layers whose parameters it "
-                    "covers to return one tensor. Leave it out of the subset."
-                )
-            returned = output.clone() if track_grad and output.requires_grad else output
+            leaves, spec = tree_flatten(output)
+            outputs: list[Tensor] = []
+            expanded: list[bool] = []
+            returned: list[Any] = []
+            handed: list[Tensor] = []
+            for leaf in leaves:
+                if not isinstance(leaf, Tensor) or not leaf.dtype.is_floating_point:
+                    returned.append(leaf)
+                    continue
+                grows = track_grad and leaf.requires_grad
+                expand = grows and batch > 1 and leaf.ndim > 0 and leaf.shape[0] == 1
+                seen = leaf.expand(batch, *leaf.shape[1:]) if expand else leaf
+                outputs.append(seen)
+                expanded.append(expand)
+                returned.append(seen.clone() if grows else seen)
+                handed.append(returned[-1])
             recording.calls[name].append(
                 Call(
                     tuple(_detach(a) for a in args),
                     {k: _detach(v) for k, v in kwargs.items()},
-                    output,
-                    returned,
+                    outputs,
+                    expanded,
+                    batch,
+                    handed,
                 )
             )
-            return returned
+            return tree_unflatten(returned, spec)
 
         return hook
 

@@ -14,6 +14,7 @@ def columns(
     likelihood: LikelihoodModel,
     f: Tensor,
     y: Tensor,
+    noise: Tensor,
     *,
     fisher_samples: int,
     generator: torch.Generator | None,
@@ -25,15 +26,16 @@ def columns(
         likelihood: The likelihood of the outputs.
         f: Detached outputs ``(B, C)``.
         y: Checked targets.
+        noise: The likelihood's noise hyperparameter.
         fisher_samples: Labels drawn per datum for the MC Fisher.
         generator: Random generator for the MC Fisher, on ``f``'s device.
 
     Returns:
-        ``(V, B, C)``: ``V = C`` for the GGN, ``fisher_samples`` for the MC Fisher, 1 for
-        the empirical Fisher.
+        ``(V, B, C)``: ``V = C`` for the GGN (for the likelihoods here), ``fisher_samples``
+        for the MC Fisher, 1 for the empirical Fisher.
     """
     if kind is CurvatureKind.GGN:
-        return likelihood.hessian_sqrt(f)
+        return likelihood.hessian_sqrt(f, noise)
     if kind is CurvatureKind.FISHER:
-        return likelihood.sampled_gradients(f, fisher_samples, generator)
-    return likelihood.gradient(f, y)
+        return likelihood.sampled_gradients(f, noise, fisher_samples, generator)
+    return likelihood.gradient(f, y, noise)

@@ -12,25 +12,15 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.func import jvp
-from torch.nn import functional as F
 
 from laplacefim.geometry.operator import CurvatureOperator
-from laplacefim.options import Likelihood
+from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.subsets import SubsetSpec
 
 
 def kl_outputs(op: CurvatureOperator, f1: Tensor, f2: Tensor) -> Tensor:
     """Per-datum ``KL(p(y|f₁) ‖ p(y|f₂))`` for outputs ``(B, C)``; returns ``(B,)``."""
-    if op.kind is Likelihood.CLASSIFICATION:
-        log1, log2 = f1.log_softmax(-1), f2.log_softmax(-1)
-        return (log1.exp() * (log1 - log2)).sum(-1)
-    if op.kind is Likelihood.REGRESSION:
-        sigma = op.likelihood.sigma_noise.to(f1).reshape(-1)  # type: ignore[union-attr]
-        return ((f1 - f2) / sigma).square().sum(-1) / 2
-    p1 = f1.sigmoid()
-    pos = F.logsigmoid(f1) - F.logsigmoid(f2)
-    neg = F.logsigmoid(-f1) - F.logsigmoid(-f2)
-    return (p1 * pos + (1 - p1) * neg).sum(-1)
+    return op.likelihood.kl(f1, f2, op.noise)
 
 
 def fisher_quadratic(op: CurvatureOperator, theta: Tensor | None, delta: Tensor) -> Tensor:
@@ -47,7 +37,7 @@ def fisher_quadratic(op: CurvatureOperator, theta: Tensor | None, delta: Tensor)
 def fisher_distance(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     theta1: Tensor,
     theta2: Tensor,
     *,
@@ -62,7 +52,7 @@ def fisher_distance(
     Args:
         model: The model (its architecture; the parameters are replaced by ``θ₁``).
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         theta1: Flat parameters ``(P,)`` in ``named_parameters()`` order.
         theta2: Flat parameters ``(P,)``.
         sigma_noise: Regression noise.
@@ -92,7 +82,7 @@ def kl_between(op: CurvatureOperator, theta1: Tensor | None, theta2: Tensor) -> 
 def predictive_kl(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     theta1: Tensor,
     theta2: Tensor,
     *,
@@ -105,7 +95,7 @@ def predictive_kl(
     Args:
         model: The model (its architecture).
         loader: ``(inputs, targets)`` batches (only the inputs matter).
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         theta1: Flat parameters ``(P,)`` in ``named_parameters()`` order.
         theta2: Flat parameters ``(P,)``.
         sigma_noise: Regression noise.

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
-from laplacefim.fitting import eval_mode, unpack
+from laplacefim import checks
+from laplacefim.fitting import eval_mode, model_device
+from laplacefim.inputs import ModelIO, to_device
 from laplacefim.likelihoods import LikelihoodModel, make_likelihood
-from laplacefim.options import Likelihood, parse_option
 from laplacefim.subsets import Selection, SubsetSpec, find_last_linear, select, validate_subset
 
 
@@ -34,21 +35,6 @@ class Matrix(str, Enum):
 
     GGN = "ggn"
     HESSIAN = "hessian"
-
-
-def _sigma(value: float | Tensor, likelihood: Likelihood) -> Tensor:
-    sigma = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
-    sigma = sigma.to(torch.float64) if not sigma.dtype.is_floating_point else sigma
-    if sigma.ndim > 1 or not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
-        raise ValueError(
-            f"sigma_noise must be finite, > 0 and a scalar or one value per output, got {value!r}."
-        )
-    if likelihood is not Likelihood.REGRESSION and not bool((sigma == 1).all()):
-        raise ValueError(
-            f"sigma_noise applies to likelihood='regression' only, got it with "
-            f"likelihood={likelihood.value!r}."
-        )
-    return sigma
 
 
 class CurvatureOperator:
@@ -60,12 +46,15 @@ class CurvatureOperator:
     Args:
         model: The model; its current parameters are the default expansion point.
         loader: Iterable of ``(inputs, targets)`` batches, as for :class:`~laplacefim.Laplace`.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance, as for
+            :class:`~laplacefim.Laplace`.
         sigma_noise: Observation noise for regression (scalar or one per output).
         subset: ``"all"``, ``"last_layer"``, a list of parameter names or a callable
             ``(name, param) -> bool``, as in :class:`~laplacefim.Laplace`.
         cache_data: Keep the batches (moved to the model's device) in memory while this
             operator lives, instead of iterating the loader on every pass.
+        io: How batches are split and the model is called (mapping batches, keyword
+            inputs, picking the output), as for :class:`~laplacefim.Laplace`.
 
     Raises:
         ValueError: For an empty loader, unknown options or a bad ``sigma_noise``.
@@ -80,27 +69,32 @@ class CurvatureOperator:
         self,
         model: nn.Module,
         loader: Iterable[Any],
-        likelihood: str | Likelihood,
+        likelihood: str | LikelihoodModel,
         *,
         sigma_noise: float | Tensor = 1.0,
         subset: SubsetSpec = "all",
         cache_data: bool = True,
+        io: ModelIO | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
-        self.kind = parse_option(likelihood, Likelihood, "likelihood")
-        self.likelihood: LikelihoodModel = make_likelihood(
-            self.kind, _sigma(sigma_noise, self.kind)
-        )
+        self.likelihood: LikelihoodModel = make_likelihood(likelihood)
+        self.noise = checks.hyperparameter(sigma_noise, "sigma_noise", allow_zero=False)
+        if self.noise.ndim > 1:
+            raise ValueError(
+                f"sigma_noise must be a scalar or one value per output, got {sigma_noise!r}."
+            )
+        self.likelihood.check_noise(self.noise)
+        self.io = io or ModelIO()
         subset = validate_subset(subset)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self._loader = loader
         self._cache: list[tuple[Any, Tensor]] | None = list(self._read()) if cache_data else None
         first = next(iter(self.batches()), None)
         if first is None:
             raise ValueError("the loader yielded no batch; give at least one (inputs, targets).")
-        last = find_last_linear(model, first[0]) if subset == "last_layer" else None
+        last = find_last_linear(model, first[0], self.io) if subset == "last_layer" else None
         self.selection: Selection = select(model, subset, last)
         self.n_data = sum(int(y.shape[0]) for _, y in self.batches())
 
@@ -151,10 +145,8 @@ class CurvatureOperator:
     # ------------------------------------------------------------------ data
     def _read(self) -> Iterator[tuple[Any, Tensor]]:
         for index, batch in enumerate(self._loader):
-            x, y = unpack(batch, index)
-            if isinstance(x, Tensor):
-                x = x.to(self.device)
-            yield x, y.to(self.device)
+            x, y = self.io.split(batch, index)
+            yield to_device(x, self.device), y.to(self.device)
 
     def batches(self) -> Iterable[tuple[Any, Tensor]]:
         """The ``(inputs, targets)`` batches on the model's device."""
@@ -164,15 +156,14 @@ class CurvatureOperator:
         """``params -> outputs (B, C)`` of the model on inputs ``x``."""
 
         def outputs(params: dict[str, Tensor]) -> Tensor:
-            return self.likelihood.outputs(functional_call(self.model, params, (x,)))
+            return self.likelihood.outputs(self.io.functional_call(self.model, params, x))
 
         return outputs
 
     def nll(self, f: Tensor, y: Tensor) -> Tensor:
         """Summed negative log-likelihood (constants included) of outputs ``(B, C)``, 0-d."""
         stats = self.likelihood.loss_stats(f, y)
-        sigma = getattr(self.likelihood, "sigma_noise", torch.ones(()))
-        return -self.likelihood.log_likelihood(stats, f.shape[0], sigma.to(f))
+        return -self.likelihood.log_likelihood(stats, f.shape[0], self.noise.to(f))
 
     def params(self, theta: Tensor | None) -> dict[str, Tensor]:
         """The chosen parameters (detached) at ``theta`` (default: the model's own)."""
@@ -211,7 +202,10 @@ class CurvatureOperator:
                 part = work(params, x, f, y)
                 total = part if total is None else total + part
         if bool(torch.stack(self._flags).any()):
-            raise ValueError(f"the targets are out of range for likelihood={self.kind.value!r}.")
+            raise ValueError(
+                f"the targets are out of range for likelihood={self.likelihood.name!r}; "
+                f"expected {self.likelihood.expected_targets}."
+            )
         if total is None:
             raise ValueError("the loader yielded no batch on this pass.")
         return total
@@ -225,7 +219,7 @@ class CurvatureOperator:
     # ------------------------------------------------------------------ products
     def apply_lambda(self, f: Tensor, u: Tensor) -> Tensor:
         """``Λ u`` per datum for output-space vectors ``u`` ``(m, B, C)``."""
-        s = self.likelihood.hessian_sqrt(f)  # (V, B, C)
+        s = self.likelihood.hessian_sqrt(f, self.noise)  # (V, B, C)
         coef = torch.einsum("vbc,mbc->mvb", s, u)
         return torch.einsum("mvb,vbc->mbc", coef, s)
 
@@ -292,7 +286,7 @@ class CurvatureOperator:
 def ggn_vector_product(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     v: Tensor,
     *,
     sigma_noise: float | Tensor = 1.0,
@@ -307,7 +301,7 @@ def ggn_vector_product(
     Args:
         model: The model, at the expansion point.
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         v: A flat vector ``(P,)`` or rows ``(m, P)``, in ``named_parameters()`` order.
         sigma_noise: Regression noise.
         subset: Which parameters (as in :class:`~laplacefim.Laplace`).
@@ -325,7 +319,7 @@ def ggn_vector_product(
 def hessian_vector_product(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     v: Tensor,
     *,
     sigma_noise: float | Tensor = 1.0,
@@ -336,7 +330,7 @@ def hessian_vector_product(
     Args:
         model: The model, at the expansion point.
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         v: A flat vector ``(P,)`` or rows ``(m, P)``, in ``named_parameters()`` order.
         sigma_noise: Regression noise.
         subset: Which parameters.

@@ -13,9 +13,9 @@ from torch.func import vjp, vmap
 from laplacefim.fitting import eval_mode
 from laplacefim.geometry.distance import kl_between
 from laplacefim.geometry.operator import CurvatureOperator
-from laplacefim.geometry.spectrum import Eigen, Which, block_krylov_eigen
 from laplacefim.geometry.trace import ggn_diagonal
-from laplacefim.options import Likelihood
+from laplacefim.likelihoods import LikelihoodModel
+from laplacefim.linalg import Eigen, Which, block_krylov_eigen
 from laplacefim.subsets import SubsetSpec
 
 # Upper bound on elements of one chunk of per-datum, per-column gradients (chunk · C · P).
@@ -58,7 +58,7 @@ def datum_traces(op: CurvatureOperator) -> Tensor:
             if not isinstance(x, Tensor):
                 raise TypeError("per-datum traces need tensor inputs (B, ...).")
             f = op.outputs_fn(x)(params)
-            s = op.likelihood.hessian_sqrt(f).transpose(0, 1)  # (B, V, C)
+            s = op.likelihood.hessian_sqrt(f, op.noise).transpose(0, 1)  # (B, V, C)
             chunk = max(1, CHUNK_ELEMENTS // (s.shape[1] * op.n_params))
 
             def one(xn: Tensor, sn: Tensor) -> Tensor:
@@ -75,7 +75,7 @@ def datum_traces(op: CurvatureOperator) -> Tensor:
 def layer_sensitivity(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     *,
     k: int = 3,
     step: float = 1.0,
@@ -91,7 +91,7 @@ def layer_sensitivity(
     Args:
         model: The model.
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         k: Number of top directions (GGN eigenvectors).
         step: Length of the step along each direction for ``direction_kl``.
         per_datum: Compute ``datum_traces`` (``O(N·C·P)`` work); else an empty tensor.

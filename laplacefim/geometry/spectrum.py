@@ -1,11 +1,10 @@
 """Eigenvalues of the GGN / Hessian: block Lanczos, structure spectra, spectral density.
 
-``top_eigenvalues`` runs a block Krylov method with full reorthogonalisation and
-Rayleigh–Ritz on the stored products (a block Lanczos whose projected matrix is formed
-explicitly, ``T = Qᵀ(AQ)``, which stays accurate in floating point). A block of ``b``
-vectors costs one pass over the data, so ``b`` products share the per-batch overhead.
-Ritz values converge at both ends of the spectrum, so ``which="smallest"`` on the
-Hessian finds its most negative eigenvalues from the same Krylov space as ``−H`` would.
+``top_eigenvalues`` runs the block Krylov solver of :mod:`laplacefim.linalg` on GGN- or
+Hessian-vector products over the data. A block of ``b`` vectors costs one pass over the
+data, so ``b`` products share the per-batch overhead. Ritz values converge at both ends of
+the spectrum, so ``which="smallest"`` on the Hessian finds its most negative eigenvalues
+from the same Krylov space as ``−H`` would.
 """
 
 from __future__ import annotations
@@ -14,153 +13,26 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from laplacefim import checks
 from laplacefim.geometry.operator import CurvatureOperator, Matrix
-from laplacefim.options import Likelihood, parse_option
+from laplacefim.likelihoods import LikelihoodModel
+from laplacefim.linalg import Eigen, Which, block_krylov_eigen
+from laplacefim.options import parse_option
 from laplacefim.subsets import SubsetSpec
 
 if TYPE_CHECKING:
     from laplacefim.laplace import Laplace
 
 
-class Which(str, Enum):
-    """Which end of the spectrum."""
-
-    LARGEST = "largest"
-    SMALLEST = "smallest"
-
-
-@dataclass(frozen=True)
-class Eigen:
-    """Extreme eigenpairs of a curvature matrix.
-
-    Attributes:
-        eigenvalues: ``(k,)``, largest first (``which="largest"``) or smallest first.
-        eigenvectors: ``(k, P)`` orthonormal rows, in ``named_parameters()`` order.
-        residuals: ``(k,)`` residual norms ``‖A y − λ y‖`` of the returned pairs.
-        n_products: Matrix-vector products used.
-        converged: Whether every residual met the tolerance.
-    """
-
-    eigenvalues: Tensor
-    eigenvectors: Tensor
-    residuals: Tensor
-    n_products: int
-    converged: bool
-
-
-def _orthonormal_complement(
-    z: Tensor, basis: Tensor | None, generator: torch.Generator | None
-) -> Tensor:
-    """Rows of ``z`` orthogonalised (twice) against ``basis`` and each other; rank-safe."""
-    for _ in range(2):
-        if basis is not None:
-            z = z - (z @ basis.T) @ basis
-    norms = z.norm(dim=1)
-    scale = norms.max().clamp_min(torch.finfo(z.dtype).tiny)
-    dead = norms <= 1e3 * torch.finfo(z.dtype).eps * scale
-    if bool(dead.any()):  # an invariant subspace was found: continue with fresh directions
-        fresh = torch.randn(
-            (int(dead.sum()), z.shape[1]), dtype=z.dtype, device="cpu", generator=generator
-        ).to(z.device)
-        z = z.clone()
-        z[dead] = fresh
-        for _ in range(2):
-            if basis is not None:
-                z = z - (z @ basis.T) @ basis
-    q, _ = torch.linalg.qr(z.T)
-    q = q.T
-    if basis is not None:
-        q = q - (q @ basis.T) @ basis
-        q, _ = torch.linalg.qr(q.T)
-        q = q.T
-    return q
-
-
-def block_krylov_eigen(
-    matmat: Callable[[Tensor], Tensor],
-    n: int,
-    k: int,
-    *,
-    which: Which,
-    tol: float,
-    max_iter: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None,
-    start: Tensor | None = None,
-) -> Eigen:
-    """Extreme eigenpairs of a symmetric operator given by ``matmat`` on rows ``(b, n)``.
-
-    Converged when every one of the ``k`` Ritz pairs has ``‖A y − θ y‖ ≤ tol · |θ|max``.
-
-    Args:
-        matmat: ``V (b, n) -> (A V)`` row-wise.
-        n: Dimension.
-        k: Number of eigenpairs.
-        which: Largest or smallest end.
-        tol: Relative residual tolerance.
-        max_iter: Most block products.
-        block_size: Vectors per product.
-        dtype: Working dtype.
-        device: Working device.
-        generator: For the random start (CPU generator).
-        start: Optional start rows ``(s, n)`` (for example last time's eigenvectors).
-    """
-    b = min(block_size, n)
-    z = torch.randn((b, n), dtype=dtype, generator=generator).to(device)
-    if start is not None:
-        s = start.to(dtype=dtype, device=device)[:b]
-        z[: s.shape[0]] = s
-    q = _orthonormal_complement(z, None, generator)
-    qs: list[Tensor] = []
-    ws: list[Tensor] = []
-    n_products = 0
-    result: Eigen | None = None
-    for _ in range(max_iter):
-        w = matmat(q)
-        n_products += q.shape[0]
-        qs.append(q)
-        ws.append(w)
-        basis, images = torch.cat(qs), torch.cat(ws)
-        t = basis @ images.T
-        t = 0.5 * (t + t.T)
-        theta, s = torch.linalg.eigh(t.double())
-        order = theta.argsort(descending=which is Which.LARGEST)[: min(k, theta.numel())]
-        theta, s = theta[order], s[:, order].to(dtype)
-        y = s.T @ basis
-        r = s.T @ images - theta.to(dtype)[:, None] * y
-        residuals = r.norm(dim=1)
-        top = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-        converged = theta.numel() == k and bool((residuals <= tol * top.to(dtype)).all())
-        result = Eigen(theta.to(dtype), y, residuals, n_products, converged)
-        if converged:
-            break
-        if basis.shape[0] >= n:  # the whole space: the Ritz pairs are exact
-            result = Eigen(theta.to(dtype), y, residuals, n_products, theta.numel() == k)
-            break
-        q = _orthonormal_complement(w[: n - basis.shape[0]], basis, generator)
-    if result is None:  # max_iter >= 1 always produces a result
-        raise RuntimeError("the eigen-solver ran no iteration.")
-    return result
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    return value
-
-
 def top_eigenvalues(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     k: int = 10,
     *,
     matrix: str | Matrix = "ggn",
@@ -182,7 +54,7 @@ def top_eigenvalues(
     Args:
         model: The model at the expansion point.
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         k: Number of eigenpairs.
         matrix: ``"ggn"`` or ``"hessian"``.
         which: ``"largest"`` or ``"smallest"``.
@@ -205,14 +77,14 @@ def top_eigenvalues(
     """
     matrix = parse_option(matrix, Matrix, "matrix")
     which = parse_option(which, Which, "which")
-    k = _positive_int(k, "k")
-    max_iter = _positive_int(max_iter, "max_iter")
+    k = checks.integer(k, "k")
+    max_iter = checks.integer(max_iter, "max_iter")
     op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
     if k > op.n_params:
         raise ValueError(f"k={k} exceeds the number of parameters P={op.n_params}.")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}.")
-    b = _positive_int(block_size if block_size is not None else k, "block_size")
+    b = checks.integer(block_size if block_size is not None else k, "block_size")
     return block_krylov_eigen(
         lambda v: op.matmat(matrix, v),
         op.n_params,
@@ -230,8 +102,9 @@ def top_eigenvalues(
 def structure_eigenvalues(la: Laplace) -> Tensor:
     """All eigenvalues of a fitted Laplace's curvature ``F`` (sum over data), largest first.
 
-    KFAC blocks give products of their factors' eigenvalues over the row count, diagonal
-    blocks their entries, dense blocks ``eigh``; before temperature and prior.
+    Each block's decomposition gives them (KFAC blocks: products of their factors'
+    eigenvalues over the row count; diagonal blocks: their entries; dense blocks: ``eigh``);
+    before temperature and prior.
 
     Args:
         la: A fitted :class:`~laplacefim.Laplace`.
@@ -242,7 +115,7 @@ def structure_eigenvalues(la: Laplace) -> Tensor:
     Example:
         >>> structure_eigenvalues(la)[:10]  # compare with top_eigenvalues(...).eigenvalues
     """
-    values = torch.cat([block.decompose().eigenvalues for block in la.curvature.blocks])
+    values = torch.cat([d.eigenvalues() for d in la.curvature.decompose()])
     return values.sort(descending=True).values
 
 
@@ -299,7 +172,7 @@ def lanczos_tridiagonal(
 def spectral_density(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     *,
     matrix: str | Matrix = "ggn",
     n_probes: int = 5,
@@ -319,7 +192,7 @@ def spectral_density(
     Args:
         model: The model.
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         matrix: ``"ggn"`` or ``"hessian"``.
         n_probes: Random start vectors.
         n_steps: Lanczos steps (matrix-vector products) per probe.
@@ -337,8 +210,8 @@ def spectral_density(
         >>> plot_spectral_density(sd, "spectrum.png")
     """
     matrix = parse_option(matrix, Matrix, "matrix")
-    n_probes = _positive_int(n_probes, "n_probes")
-    n_steps = _positive_int(n_steps, "n_steps")
+    n_probes = checks.integer(n_probes, "n_probes")
+    n_steps = checks.integer(n_steps, "n_steps")
     op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
     n_steps = min(n_steps, op.n_params)
     nodes = torch.zeros(n_probes, n_steps, dtype=torch.float64)

@@ -10,10 +10,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from laplacefim import checks
 from laplacefim.curvature import CurvatureEngine
-from laplacefim.fitting import eval_mode, layout_of
+from laplacefim.fitting import eval_mode
 from laplacefim.geometry.operator import CurvatureOperator, Matrix
-from laplacefim.options import CurvatureKind, Likelihood, Structure, parse_option
+from laplacefim.layout import Layout
+from laplacefim.likelihoods import LikelihoodModel
+from laplacefim.options import CurvatureKind, parse_option
+from laplacefim.structures.base import gather
 from laplacefim.subsets import Selection, SubsetSpec
 
 if TYPE_CHECKING:
@@ -43,30 +47,38 @@ class TraceEstimate:
 def ggn_diagonal(op: CurvatureOperator) -> Tensor:
     """The exact diagonal of the GGN ``(P,)`` at the model's parameters.
 
-    Runs the curvature engine's diagonal rule (one forward and one batched backward of the
-    ``C`` loss-Hessian columns per batch): ``Σₙ Σ_c (Jₙᵀ s_c)²`` without a Jacobian.
+    Runs the curvature engine (one forward and one batched backward of the ``C``
+    loss-Hessian columns per batch): ``Σₙ Σ_c (Jₙᵀ s_c)²`` per parameter, without a Jacobian.
     """
     engine = CurvatureEngine(
         op.model,
         op.selection,
-        Structure.DIAG,
         CurvatureKind.GGN,
         op.likelihood,
+        op.noise,
+        op.io,
         fisher_samples=1,
         dtype=op.dtype,
     )
-    total = engine.zeros()
+    names = op.selection.names
+    sizes = [p.numel() for p in op.selection.params]
+    total = torch.zeros(op.n_params, dtype=op.dtype, device=op.device)
     flags = []
     with eval_mode(op.model):
         for x, y in op.batches():
-            stats = engine.batch(x, y, None)
-            flags.append(stats.bad_targets)
-            total.add_(stats.contributions)
+            rows = engine.batch(x, y, None)
+            flags.append(rows.bad_targets)
+            found = gather(rows.segments, names, sizes, lambda s: s.diag())
+            if found is not None:
+                total += found
     if not flags:
         raise ValueError("the loader yielded no batch; the trace needs at least one.")
-    if bool(torch.stack(flags).any()):
-        raise ValueError(f"the targets are out of range for likelihood={op.kind.value!r}.")
-    return total.diagonal()
+    if bool(torch.stack(flags).any()):  # type: ignore[arg-type]
+        raise ValueError(
+            f"the targets are out of range for likelihood={op.likelihood.name!r}; expected "
+            f"{op.likelihood.expected_targets}."
+        )
+    return total
 
 
 def hutchinson(
@@ -89,7 +101,7 @@ def hutchinson(
 def trace(
     model: nn.Module,
     loader: Iterable[Any],
-    likelihood: str | Likelihood,
+    likelihood: str | LikelihoodModel,
     *,
     matrix: str | Matrix = "ggn",
     n_probes: int | None = None,
@@ -107,7 +119,7 @@ def trace(
     Args:
         model: The model.
         loader: ``(inputs, targets)`` batches.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        likelihood: A registered likelihood name or instance.
         matrix: ``"ggn"`` or ``"hessian"``.
         n_probes: None for the exact trace, else the number of probes.
         generator: CPU generator for the probes.
@@ -128,9 +140,7 @@ def trace(
     matrix = parse_option(matrix, Matrix, "matrix")
     op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
     if n_probes is not None:
-        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"n_probes must be None (exact) or an integer >= 1, got {n_probes!r}.")
-        return hutchinson(op, matrix, n_probes, generator)
+        return hutchinson(op, matrix, checks.integer(n_probes, "n_probes"), generator)
     zero = torch.zeros((), dtype=op.dtype, device=op.device)
     if matrix is Matrix.GGN:
         return TraceEstimate(ggn_diagonal(op).sum(), zero, 0)
@@ -161,8 +171,7 @@ def _prior_per_param(la: Laplace, prior_precision: float | Tensor | None) -> Ten
         raise ValueError(f"prior_precision must be finite and >= 0, got {prior_precision!r}.")
     named = dict(la.model.named_parameters())
     selection = Selection(la.parameter_names, tuple(named[n] for n in la.parameter_names))
-    layout = layout_of(selection, la.structure)
-    return layout.per_param(prior.to(device=mean.device, dtype=mean.dtype))
+    return Layout.of(selection).per_param(prior.to(device=mean.device, dtype=mean.dtype))
 
 
 def effective_dimension(la: Laplace, prior_precision: float | Tensor | None = None) -> Tensor:
@@ -191,18 +200,17 @@ def effective_dimension(la: Laplace, prior_precision: float | Tensor | None = No
     scale = la.posterior_precision.scale
     total = torch.zeros((), dtype=prior.dtype, device=prior.device)
     start = 0
-    for block in la.curvature.blocks:
-        eig = block.decompose()
+    for block, decomposition in zip(la.curvature.blocks, la.curvature.decompose(), strict=True):
         p = prior[start : start + block.numel]
         start += block.numel
-        values = scale * eig.eigenvalues.to(prior)
         if bool((p == p[0]).all()):
+            values = scale * decomposition.eigenvalues().to(prior)
             alpha = p[0]
             if float(alpha) == 0.0:
                 total = total + (values > 0).sum()
             else:
                 total = total + (values / (values + alpha)).sum()
             continue
-        precision = eig.with_prior(scale, p)
+        precision = decomposition.with_prior(scale, p)
         total = total + (1.0 - p * precision.covariance_diagonal()).sum()
     return total

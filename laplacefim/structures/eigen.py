@@ -1,18 +1,61 @@
-"""Decomposed blocks: ``Q diag(λ) Qᵀ`` once, then any prior is a cheap shift of ``λ``.
+"""Eigen-decomposed blocks: ``Q diag(λ) Qᵀ`` once, then any prior is a cheap shift of ``λ``.
 
-A fitted block decomposes once into eigenvalues and a basis (identity for a diagonal
+A fitted block decomposes once into eigenvalues and a basis (the identity for a diagonal
 block, a dense ``Q`` for a dense block, ``Q₁ ⊗ Q₂`` for a Kronecker block). Adding a prior
 ``δ`` that is constant on the block, or any per-parameter prior when the basis is the
-identity, only shifts the eigenvalues: ``scale·λ + δ``. That makes the log-determinant,
-solves and samples cost O(p) per prior value after the decomposition.
+identity, only shifts the eigenvalues: ``s·λ + δ``. That makes the log-determinant, solves
+and samples cost O(p) per prior value after the decomposition. Each basis also knows how
+to contract a Jacobian's segments into ``J Σ Jᵀ`` without forming ``J`` where it can.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from laplacefim.curvature.rows import Segment
+
+
+class Basis(Protocol):
+    """An orthonormal basis of a block's ``p`` parameters.
+
+    Attributes:
+        elementwise: Whether it is the standard basis, where a per-parameter prior is
+            still a shift of the eigenvalues.
+        dense: Whether it is an unstructured dense basis.
+    """
+
+    elementwise: bool
+    dense: bool
+
+    def to_basis(self, v: Tensor) -> Tensor:
+        """Coordinates ``Qᵀv`` of row vectors ``(..., p)``."""
+        ...
+
+    def from_basis(self, w: Tensor) -> Tensor:
+        """Vectors ``Qw`` from coordinates ``(..., p)``."""
+        ...
+
+    def squared(self, values: Tensor) -> Tensor:
+        """``diag(Q diag(values) Qᵀ)`` ``(p,)``."""
+        ...
+
+    def contract(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """``Σ_k (Qᵀu_v)_k (Qᵀu_w)_k inverse_k`` per datum ``(B, V, V)``."""
+        ...
+
+    def to(self, dtype: torch.dtype) -> Basis:
+        """The basis in ``dtype``."""
+        ...
+
+
+def _split(segments: Sequence[Segment], values: Tensor) -> list[Tensor]:
+    return list(values.split([s.size for s in segments], dim=-1))
 
 
 @dataclass(frozen=True)
@@ -20,14 +63,29 @@ class IdentityBasis:
     """The standard basis of ``p`` parameters."""
 
     p: int
+    elementwise = True
+    dense = False
 
     def to_basis(self, v: Tensor) -> Tensor:
-        """Coordinates ``Qᵀv`` of row vectors ``(..., p)``."""
+        """``v``."""
         return v
 
     def from_basis(self, w: Tensor) -> Tensor:
-        """Vectors ``Qw`` from coordinates ``(..., p)``."""
+        """``w``."""
         return w
+
+    def squared(self, values: Tensor) -> Tensor:
+        """``values``."""
+        return values
+
+    def contract(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """Weighted Gram matrices of each segment, summed."""
+        parts = _split(segments, inverse)
+        return sum(s.gram(w) for s, w in zip(segments, parts, strict=True))  # type: ignore[return-value]
+
+    def to(self, dtype: torch.dtype) -> IdentityBasis:
+        """Itself."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -35,14 +93,30 @@ class DenseBasis:
     """An orthonormal basis ``Q`` ``(p, p)``, eigenvectors in columns."""
 
     q: Tensor
+    elementwise = False
+    dense = True
 
     def to_basis(self, v: Tensor) -> Tensor:
-        """Coordinates ``Qᵀv`` of row vectors ``(..., p)``."""
+        """``Qᵀv``."""
         return v @ self.q
 
     def from_basis(self, w: Tensor) -> Tensor:
-        """Vectors ``Qw`` from coordinates ``(..., p)``."""
+        """``Qw``."""
         return w @ self.q.T
+
+    def squared(self, values: Tensor) -> Tensor:
+        """``(Q ∘ Q) values``."""
+        return self.q.square() @ values
+
+    def contract(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """``Qᵀu`` through each segment's products with the columns of ``Q``."""
+        rows = _split(segments, self.q.T)
+        coordinates = sum(s.dots(r) for s, r in zip(segments, rows, strict=True))
+        return torch.einsum("vbk,wbk->bvw", coordinates * inverse, coordinates)
+
+    def to(self, dtype: torch.dtype) -> DenseBasis:
+        """``Q`` in ``dtype``."""
+        return DenseBasis(self.q.to(dtype))
 
 
 @dataclass(frozen=True)
@@ -52,6 +126,8 @@ class KronBasis:
     first: Tensor | None
     second: Tensor | None
     shape: tuple[int, int]
+    elementwise = False
+    dense = False
 
     def _apply(self, v: Tensor, transpose: bool) -> Tensor:
         m, n = self.shape
@@ -65,92 +141,151 @@ class KronBasis:
         return x.reshape(v.shape)
 
     def to_basis(self, v: Tensor) -> Tensor:
-        """Coordinates ``(Q₁ ⊗ Q₂)ᵀv`` of row vectors ``(..., m·n)``."""
+        """``(Q₁ ⊗ Q₂)ᵀv``."""
         return self._apply(v, transpose=True)
 
     def from_basis(self, w: Tensor) -> Tensor:
-        """Vectors ``(Q₁ ⊗ Q₂)w`` from coordinates ``(..., m·n)``."""
+        """``(Q₁ ⊗ Q₂)w``."""
         return self._apply(w, transpose=False)
 
+    def squared(self, values: Tensor) -> Tensor:
+        """``diag((Q₁ ⊗ Q₂) diag(values) (Q₁ ⊗ Q₂)ᵀ)`` without the Kronecker product."""
+        m, n = self.shape
+        grid = values.reshape(m, n)
+        if self.first is not None:
+            grid = self.first.square() @ grid
+        if self.second is not None:
+            grid = grid @ self.second.square().T
+        return grid.reshape(-1)
 
-Basis = IdentityBasis | DenseBasis | KronBasis
+    def contract(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """The one segment rotated into the factors' eigenbases, then a weighted Gram."""
+        (segment,) = segments
+        return segment.rotated(self.first, self.second).gram(inverse)
+
+    def to(self, dtype: torch.dtype) -> KronBasis:
+        """Both factors' bases in ``dtype``."""
+        first = None if self.first is None else self.first.to(dtype)
+        second = None if self.second is None else self.second.to(dtype)
+        return KronBasis(first, second, self.shape)
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at 0, they belong to a PSD matrix) and eigenvectors."""
-    values, vectors = torch.linalg.eigh(matrix)
+    """Eigenvalues (clamped at 0: they belong to a PSD matrix) and eigenvectors.
+
+    ``eigh`` can fail to converge on an ill-conditioned factor; it is retried in float64,
+    then with a relative jitter on the diagonal (a warning says by how much).
+    """
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        values, vectors = _robust_eigh(matrix)
     return values.clamp_min(0), vectors
 
 
+def _robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    double = matrix.to(torch.float64)
+    try:
+        values, vectors = torch.linalg.eigh(double)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+    except torch.linalg.LinAlgError:
+        pass
+    scale = float(double.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny))
+    eye = torch.eye(matrix.shape[0], dtype=torch.float64, device=matrix.device)
+    for relative in (1e-12, 1e-10, 1e-8, 1e-6):
+        try:
+            values, vectors = torch.linalg.eigh(double + relative * scale * eye)
+        except torch.linalg.LinAlgError:
+            continue
+        warnings.warn(
+            f"eigh did not converge on a {matrix.shape[0]}x{matrix.shape[0]} curvature factor, "
+            f"in {matrix.dtype} nor in float64; it converged with a jitter of {relative:g} "
+            f"times its largest diagonal entry ({relative * scale:.3g}) added.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return (values - relative * scale).to(matrix.dtype), vectors.to(matrix.dtype)
+    raise torch.linalg.LinAlgError(
+        f"eigh failed on a {matrix.shape[0]}x{matrix.shape[0]} curvature factor even in float64 "
+        "with a relative jitter of 1e-6; check the factor for NaN or inf."
+    )
+
+
 @dataclass(frozen=True)
-class CurvatureEigen:
-    """A fitted curvature block, decomposed: ``basis · diag(eigenvalues) · basisᵀ``.
+class EigenDecomposition:
+    """A fitted curvature block ``basis · diag(eigenvalues) · basisᵀ``.
 
     Attributes:
-        eigenvalues: ``(p,)`` eigenvalues of the curvature block (before scale and prior).
+        values: ``(p,)`` eigenvalues of the curvature block (before scale and prior).
         basis: The eigenbasis.
         matrix: The dense block, kept for dense blocks only, to absorb a prior that varies
             within the block (which no longer commutes with the basis).
     """
 
-    eigenvalues: Tensor
+    values: Tensor
     basis: Basis
     matrix: Tensor | None = None
 
-    def with_prior(self, scale: Tensor | float, prior: Tensor) -> PrecisionEigen:
-        """The precision ``scale·F + diag(prior)`` of this block, decomposed.
+    def eigenvalues(self) -> Tensor:
+        """The eigenvalues ``(p,)``."""
+        return self.values
 
-        Args:
-            scale: Factor on the curvature (``1/T``, and the noise for regression).
-            prior: A 0-d prior precision, or one value per parameter ``(p,)``.
+    def with_prior(self, scale: Tensor | float, prior: Tensor) -> EigenPrecision:
+        """The precision ``scale·F + diag(prior)``, decomposed.
 
-        Returns:
-            The decomposed precision block; O(p) unless a per-parameter prior meets a dense
-            block, which needs one new eigendecomposition.
+        O(p) unless a per-parameter prior meets a dense block, which needs one new
+        eigendecomposition; computed in the prior's dtype (the evidence passes float64).
 
         Raises:
             ValueError: If a per-parameter prior meets a Kronecker block.
         """
-        # Computed in the prior's dtype (the evidence passes float64): a 0-d prior alone
-        # would not promote float32 eigenvalues, and their log-sum must not lose digits.
-        eigenvalues = self.eigenvalues.to(prior.dtype)
-        if prior.ndim == 0 or isinstance(self.basis, IdentityBasis):
-            return PrecisionEigen(scale * eigenvalues + prior, self.basis)
+        values = self.values.to(prior.dtype)
+        if prior.ndim == 0 or self.basis.elementwise:
+            return EigenPrecision(scale * values + prior, self.basis)
         if self.matrix is not None:
             matrix = self.matrix.to(prior.dtype)
-            values, vectors = torch.linalg.eigh(scale * matrix + torch.diag(prior))
-            return PrecisionEigen(values, DenseBasis(vectors))
+            new_values, vectors = torch.linalg.eigh(scale * matrix + torch.diag(prior))
+            return EigenPrecision(new_values, DenseBasis(vectors))
         raise ValueError(
             "a prior precision that varies within a Kronecker-factored block cannot be "
             "absorbed in its eigenbasis; use prior_structure='scalar' or 'layerwise' with "
-            "structure='kron', or structure='diag' / 'full' for a per-parameter prior."
+            "structure='kron' or 'ekfac', or structure='diag', 'full' or 'lowrank' for a "
+            "per-parameter prior."
         )
 
 
 @dataclass(frozen=True)
-class PrecisionEigen:
+class EigenPrecision:
     """A decomposed posterior-precision block ``basis · diag(values) · basisᵀ``."""
 
     values: Tensor
     basis: Basis
 
-    def to(self, dtype: torch.dtype) -> PrecisionEigen:
+    @property
+    def elementwise(self) -> bool:
+        """Whether the precision is diagonal."""
+        return self.basis.elementwise
+
+    @property
+    def dense(self) -> bool:
+        """Whether the precision is an unstructured dense matrix."""
+        return self.basis.dense
+
+    @property
+    def numel(self) -> int:
+        """Number of parameters covered."""
+        return self.values.numel()
+
+    def to(self, dtype: torch.dtype) -> EigenPrecision:
         """The same block with its eigenvalues and basis in ``dtype``."""
-        basis: Basis = self.basis
-        if isinstance(basis, DenseBasis):
-            basis = DenseBasis(basis.q.to(dtype))
-        elif isinstance(basis, KronBasis):
-            first = None if basis.first is None else basis.first.to(dtype)
-            second = None if basis.second is None else basis.second.to(dtype)
-            basis = KronBasis(first, second, basis.shape)
-        return PrecisionEigen(self.values.to(dtype), basis)
+        return EigenPrecision(self.values.to(dtype), self.basis.to(dtype))
 
     def logdet(self) -> Tensor:
         """``log det`` of the precision block."""
         return self.values.log().sum()
 
     def solve(self, v: Tensor) -> Tensor:
-        """Covariance times row vectors ``(..., p)``: ``Σv``."""
+        """``Σv`` for row vectors ``(..., p)``."""
         return self.basis.from_basis(self.basis.to_basis(v) / self.values)
 
     def quad(self, v: Tensor) -> Tensor:
@@ -162,26 +297,23 @@ class PrecisionEigen:
         return self.basis.from_basis(z / self.values.sqrt())
 
     def covariance_diagonal(self) -> Tensor:
-        """The diagonal of the covariance ``(p,)``, without building it."""
-        inverse = 1.0 / self.values
-        if isinstance(self.basis, IdentityBasis):
-            return inverse
-        if isinstance(self.basis, DenseBasis):
-            return self.basis.q.square() @ inverse
-        m, n = self.basis.shape
-        grid = inverse.reshape(m, n)
-        if self.basis.first is not None:
-            grid = self.basis.first.square() @ grid
-        if self.basis.second is not None:
-            grid = grid @ self.basis.second.square().T
-        return grid.reshape(-1)
+        """``diag(Σ)`` ``(p,)``, without building ``Σ``."""
+        return self.basis.squared(1.0 / self.values)
+
+    def functional_variance(self, segments: Sequence[Segment]) -> Tensor:
+        """``J Σ Jᵀ`` per datum by contractions in the eigenbasis."""
+        return self.basis.contract(segments, 1.0 / self.values)
+
+    def eigenvalue_range(self) -> tuple[Tensor, Tensor]:
+        """Smallest and largest eigenvalue."""
+        return self.values.min(), self.values.max()
 
     def covariance(self) -> Tensor:
         """The dense covariance ``(p, p)`` (small blocks only)."""
-        eye = torch.eye(self.values.numel(), dtype=self.values.dtype, device=self.values.device)
+        eye = torch.eye(self.numel, dtype=self.values.dtype, device=self.values.device)
         return self.solve(eye)
 
-    def precision(self) -> Tensor:
+    def to_dense(self) -> Tensor:
         """The dense precision ``(p, p)`` (small blocks only)."""
-        eye = torch.eye(self.values.numel(), dtype=self.values.dtype, device=self.values.device)
+        eye = torch.eye(self.numel, dtype=self.values.dtype, device=self.values.device)
         return self.basis.from_basis(self.basis.to_basis(eye) * self.values)

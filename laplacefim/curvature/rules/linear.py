@@ -1,0 +1,86 @@
+"""Dense-input layers: the weight gradient is ``Σ_t g_t a_tᵀ`` over positions ``t``.
+
+``nn.Linear`` on ``(B, *, d_in)`` inputs (every leading position shares the weight) and
+``nn.Conv2d`` with ``groups=1`` (positions are the output pixels, inputs the unfolded
+patches). A layer called several times per forward stacks its calls as more positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from laplacefim.curvature.hooks import Call
+from laplacefim.curvature.rows import Product, Segment
+from laplacefim.curvature.rules.base import batched, check_batch_first
+from laplacefim.curvature.rules.generic import generic_rows
+
+
+def product_rows(
+    module: nn.Module,
+    inputs: Tensor,
+    grads: Tensor,
+    wanted: frozenset[str],
+    transposed: bool = False,
+) -> dict[str, list[Segment]]:
+    """Segments of a ``weight`` (and ``bias``) used as ``Σ_t g_t a_tᵀ (+ b)``."""
+    out: dict[str, list[Segment]] = {}
+    if "weight" in wanted:
+        out["weight"] = [Product(inputs, grads, transposed)]
+    if "bias" in wanted:
+        out["bias"] = [Product(None, grads)]
+    return out
+
+
+def _stack(calls: list[Call], inputs: list[Tensor], outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    a = torch.cat(inputs, dim=1)
+    g = torch.cat(outputs, dim=2)
+    return a, g
+
+
+def linear_rows(
+    module: nn.Module, calls: list[Call], wanted: frozenset[str]
+) -> dict[str, list[Segment]]:
+    """``nn.Linear``: inputs ``(B, *, d_in)``, every leading position shares the weight."""
+    inputs, grads = [], []
+    for call in calls:
+        out = check_batch_first(module, call)
+        x = batched(call.arg(0, "input"), call)
+        if x.ndim < 2:
+            raise ValueError(f"nn.Linear got an unbatched input of shape {tuple(x.shape)}.")
+        inputs.append(x.reshape(out.shape[0], -1, x.shape[-1]))
+        g = call.grads[0]
+        grads.append(g.reshape(g.shape[0], out.shape[0], -1, g.shape[-1]))
+    a, g = _stack(calls, inputs, grads)
+    return product_rows(module, a, g, wanted)
+
+
+def _patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    padding: Any = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    return F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride).transpose(1, 2)
+
+
+def conv2d_rows(
+    module: nn.Module, calls: list[Call], wanted: frozenset[str]
+) -> dict[str, list[Segment]]:
+    """``nn.Conv2d`` with ``groups=1``: unfolded patches; other groupings are generic."""
+    conv: nn.Conv2d = module  # type: ignore[assignment]
+    if conv.groups != 1:
+        return generic_rows(module, calls, wanted)
+    inputs, grads = [], []
+    for call in calls:
+        check_batch_first(module, call)
+        x = batched(call.arg(0, "input"), call)
+        if x.ndim != 4:
+            raise ValueError(f"nn.Conv2d needs batched (B, C, H, W) inputs, got {tuple(x.shape)}.")
+        inputs.append(_patches(conv, x))
+        grads.append(call.grads[0].flatten(3).transpose(2, 3))
+    a, g = _stack(calls, inputs, grads)
+    return product_rows(module, a, g, wanted)
