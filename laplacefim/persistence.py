@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from laplacefim import checks
 from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
 from laplacefim.layout import Layout
-from laplacefim.structures import restore_blocks, save_blocks
+from laplacefim.likelihoods import make_likelihood
+from laplacefim.structures import make_structure, restore_blocks, save_blocks
 from laplacefim.subsets import select
 
 FORMAT = "laplacefim.Laplace"
@@ -167,6 +168,40 @@ def load(path: str | os.PathLike[str], map_location: Any = None) -> dict[str, An
     state = torch.load(Path(path), map_location=map_location, weights_only=True)
     check_format(state)
     return state
+
+
+def laplace_arguments(state: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of the ``Laplace`` a state was saved from."""
+    options = state["options"]
+    fit = state["fit"]
+    subset: Any = "all"
+    if fit is not None:
+        subset = "last_layer" if fit["last_layer"] is not None else list(fit["names"])
+    return {
+        "likelihood": make_likelihood(options["likelihood"], options["likelihood_options"]),
+        "subset": subset,
+        "structure": make_structure(options["structure"], options["structure_options"]),
+        "curvature": options["curvature"],
+        "fisher_samples": options["fisher_samples"],
+        "kfac_approx": options["kfac_approx"],
+    }
+
+
+def check_weights(fit: FitState, path: object) -> None:
+    """Raise unless the model's chosen parameters equal the saved mean (to rounding).
+
+    Raises:
+        ValueError: Naming the largest difference and the ways out.
+    """
+    difference = float(weights_difference(fit))
+    tolerance = 8 * torch.finfo(fit.mean.dtype).eps * float(fit.mean.abs().max())
+    if difference > tolerance:
+        raise ValueError(
+            f"the model's weights differ from the fitted mean saved in {str(path)!r} "
+            f"(largest |θ - θ*| = {difference:.3g}); load the weights the posterior was "
+            "fitted at into the model first, or pass strict=False (and weights_check='off') "
+            "to use it anyway."
+        )
 
 
 def weights_difference(fit: FitState) -> Tensor:

@@ -11,15 +11,80 @@ eigenvectors. The likelihood turns the Gaussian into its predictive.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
 from laplacefim.curvature import CurvatureEngine
+from laplacefim.fitting import eval_mode, make_engine
 from laplacefim.inputs import ModelIO, batch_size, split_rows
+from laplacefim.options import Link
+from laplacefim.prediction import Prediction
 from laplacefim.structures import BlockDiagonal
 from laplacefim.structures.base import Precision
+
+
+def check_inputs(x: object, fit: FitState, io: ModelIO) -> object:
+    """Inputs for prediction: tensors on the model's device, shaped like the training inputs.
+
+    Raises:
+        TypeError: For inputs that are neither a tensor nor a mapping of tensors.
+        ValueError: For inputs on another device or of another shape.
+    """
+    device = fit.mean.device
+    if isinstance(x, Tensor):
+        tensors = [x]
+    elif isinstance(x, Mapping):
+        tensors = [v for v in x.values() if isinstance(v, Tensor)]
+    else:
+        raise TypeError(f"inputs must be a tensor or a mapping of tensors, got {type(x).__name__}.")
+    for value in tensors:
+        if value.device != device:
+            raise ValueError(
+                f"inputs are on {value.device} but the model is on {device}; "
+                f"move them with x.to({str(device)!r})."
+            )
+    shape = fit.input_shape
+    if isinstance(x, Tensor) and shape is not None and tuple(x.shape[1:]) != shape:
+        raise ValueError(
+            f"inputs of shape {tuple(x.shape)} do not match the training inputs "
+            f"(B, {', '.join(map(str, shape))})."
+        )
+    if isinstance(x, Mapping) and io.x_key is not None and io.x_key in x:
+        return x[io.x_key]
+    return x
+
+
+def glm_prediction(
+    model: torch.nn.Module,
+    config: CurvatureConfig,
+    hyper: Hyperparameters,
+    fit: FitState,
+    precisions: list[Precision],
+    x: object,
+    *,
+    link: Link = Link.PROBIT,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    joint_outputs: bool = False,
+    chunk_size: int = 256,
+) -> Prediction:
+    """The linearised predictive at ``x``: ``N(f(x), J Σ Jᵀ)`` through the likelihood."""
+    with eval_mode(model):
+        engine = make_engine(model, config, fit.selection, hyper.sigma_noise)
+        mean, cov = glm_moments(engine, fit.curvature, precisions, x, chunk_size)
+    return config.likelihood.predictive(
+        mean,
+        cov,
+        link=link,
+        noise=hyper.sigma_noise,
+        n_samples=n_samples,
+        generator=generator,
+        joint_outputs=joint_outputs,
+    )
 
 
 def glm_moments(

@@ -12,13 +12,14 @@ import re
 import pytest
 import reference as ref
 import torch
+from helpers import REFERENCE_STRUCTURES, assert_close
 from torch import nn
 
 laplacefim = pytest.importorskip("laplacefim")
 Laplace = laplacefim.Laplace
 
 RTOL = 1e-10
-STRUCTURES = ["full", "diag", "kron"]
+STRUCTURES = list(REFERENCE_STRUCTURES)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -28,14 +29,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def assert_exact(actual, expected, rtol=RTOL):
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = expected.abs().max().clamp_min(1e-300)
-    err = (actual - expected).abs()
-    bad = err > rtol * expected.abs() + rtol * scale
-    assert not bad.any(), (
-        f"max abs error {err.max():.3e} (scale {scale:.3e}); bad entries e.g. "
-        f"{bad.nonzero()[:5].tolist()}"
-    )
+    assert_close(actual, expected, rtol)
 
 
 def fit_dense(

@@ -14,6 +14,7 @@ import itertools
 import pytest
 import reference as ref
 import torch
+from helpers import REFERENCE_STRUCTURES, assert_close
 from torch import nn
 
 laplacefim = pytest.importorskip("laplacefim")
@@ -42,7 +43,7 @@ MC_SAMPLES = 20000
 MC_Z = 6.0
 MC_RTOL = 0.05
 
-STRUCTURES = ["full", "diag", "kron"]
+STRUCTURES = list(REFERENCE_STRUCTURES)
 LIKELIHOODS = ["classification", "regression", "binary"]
 KINDS = ["ggn", "empirical_fisher", "fisher"]
 
@@ -79,14 +80,7 @@ def _generator(device: str, seed: int) -> torch.Generator:
 
 
 def assert_exact(actual: torch.Tensor, expected: torch.Tensor, rtol: float = EXACT_RTOL):
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = expected.abs().max().clamp_min(1e-300)
-    err = (actual - expected).abs()
-    bad = err > rtol * expected.abs() + rtol * scale
-    assert not bad.any(), (
-        f"max abs error {err.max():.3e} (scale {scale:.3e}); first bad entries at "
-        f"{bad.nonzero()[:5].tolist()}"
-    )
+    assert_close(actual, expected, rtol)
 
 
 # --------------------------------------------------------------------------- #

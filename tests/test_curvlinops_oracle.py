@@ -25,6 +25,7 @@ import math
 import pytest
 import reference as ref
 import torch
+from helpers import assert_max_close
 from torch import nn
 
 curvlinops = pytest.importorskip("curvlinops")
@@ -43,9 +44,7 @@ N_OUT = {"classification": 3, "regression": 2, "binary": 1}
 
 
 def _close(actual, expected, rtol=RTOL):
-    scale = expected.abs().max()
-    err = (actual - expected).abs().max()
-    assert err <= rtol * scale, f"max abs error {err:.3e} vs scale {scale:.3e}"
+    assert_max_close(actual, expected, rtol)
 
 
 class SeqNet(nn.Module):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import STRUCTURE_CASES
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,7 +27,7 @@ DTYPE = torch.float64
 CASES = [
     (subset, structure, curvature)
     for subset in ("all", "last_layer")
-    for structure in ("full", "diag", "kron")
+    for structure in STRUCTURE_CASES
     for curvature in ("ggn", "empirical_fisher")
 ]
 

@@ -22,6 +22,7 @@ import math
 import pytest
 import reference as ref
 import torch
+from helpers import REFERENCE_STRUCTURES, assert_close
 from torch import Tensor, nn
 
 laplacefim = pytest.importorskip("laplacefim")
@@ -32,7 +33,7 @@ N_DATA = 16
 BATCH = 6  # uneven last batch
 N_OUT = {"classification": 3, "regression": 2, "binary": 1}
 LIKELIHOODS = ["classification", "regression", "binary"]
-STRUCTURES = ["full", "diag", "kron"]
+STRUCTURES = list(REFERENCE_STRUCTURES)
 
 # Dense reference against O(P) eigenvalue path: float64 reassociation only.
 RTOL = 1e-9
@@ -207,7 +208,7 @@ def _assert_same_state(la: Laplace, before) -> None:
 
 
 def _close(actual: Tensor, expected: Tensor, rtol: float = RTOL, atol: float = 1e-10) -> None:
-    torch.testing.assert_close(actual.detach().to(DTYPE), expected.to(DTYPE), rtol=rtol, atol=atol)
+    assert_close(actual.to(DTYPE), expected.to(DTYPE), rtol, atol)
 
 
 def _priors(model, names) -> list[Tensor]:

@@ -8,6 +8,7 @@ import os
 import pytest
 import reference as ref
 import torch
+from helpers import STRUCTURE_CASES
 from torch import Tensor, nn
 
 laplacefim = pytest.importorskip("laplacefim")
@@ -103,7 +104,7 @@ def _assert_same(la, other, x_test: Tensor) -> None:
 # round trips
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("likelihood", ["classification", "regression", "binary"])
-@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+@pytest.mark.parametrize("structure", list(STRUCTURE_CASES))
 def test_state_dict_round_trip(structure, likelihood):
     la, model, x_test = _fitted(likelihood, structure)
     # a fresh Laplace with the same structural options but default prior / noise / temperature
@@ -216,7 +217,7 @@ def _walk_plain(obj, where: str = "state") -> None:
     assert type(obj) in PLAIN, f"{where} is a {type(obj).__name__}: {obj!r}"
 
 
-@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+@pytest.mark.parametrize("structure", list(STRUCTURE_CASES))
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_state_is_tensors_and_plain_values(structure, subset):
     la, _, _ = _fitted("regression", structure, subset=subset)
@@ -280,7 +281,7 @@ def test_refuses_other_subset(case):
 
 
 def test_refuses_a_model_with_other_shapes():
-    for structure in ("full", "diag", "kron"):
+    for structure in STRUCTURE_CASES:
         la, _, _ = _fitted("classification", structure)  # 4 → 5 → 3: 43 parameters
         g = _gen(99)
         wider = ref.mlp(3, g, d_in=4, hidden=6)  # same names, other shapes and P
@@ -288,7 +289,7 @@ def test_refuses_a_model_with_other_shapes():
         _check_refused(la, Laplace(wider, "classification", structure=structure), x_wide, "shape")
 
 
-@pytest.mark.parametrize("structure", ["full", "diag", "kron"])
+@pytest.mark.parametrize("structure", list(STRUCTURE_CASES))
 def test_refuses_a_model_with_other_shapes_but_the_same_size(structure):
     # 6 → 4 → 3 has the same names and the same 43 parameters as 4 → 5 → 3
     la, _, _ = _fitted("classification", structure)

@@ -20,7 +20,7 @@ products with vectors (``uᵀX`` and ``Σ c u``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -186,11 +186,14 @@ class Product:
         grads: ``(V, B, T, d_out)`` gradients of the columns w.r.t. the outputs.
         transposed: The slice stores the grid as ``(d_in, d_out)`` row-major (a weight used
             as ``x @ W``, such as HuggingFace's ``Conv1D``).
+        shared: Scratch space shared by the segments of one layer in one batch (a weight and
+            its bias have the same output factor ``G``: it is formed once).
     """
 
     inputs: Tensor | None
     grads: Tensor
     transposed: bool = False
+    shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def d_out(self) -> int:
@@ -225,7 +228,7 @@ class Product:
     def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> Product:
         """Cast to ``dtype``."""
         inputs = None if self.inputs is None else cast(self.inputs, dtype, memo)
-        return Product(inputs, cast(self.grads, dtype, memo), self.transposed)
+        return Product(inputs, cast(self.grads, dtype, memo), self.transposed, self.shared)
 
     def _a(self) -> Tensor:
         if self.inputs is not None:
@@ -274,12 +277,16 @@ class Product:
         gradients and averages the inputs over the positions of each datum first.
         """
         g, a = self.grads, self._a()
-        if approx is KfacApprox.REDUCE and self.positions > 1:
+        reduce = approx is KfacApprox.REDUCE and self.positions > 1
+        if reduce:
             g, a = g.sum(2, keepdim=True), a.mean(1, keepdim=True)
-        rows_g = g.reshape(-1, self.d_out)
+        key = ("G", reduce, g.dtype)
+        if key not in self.shared:
+            rows_g = g.reshape(-1, self.d_out)
+            self.shared[key] = rows_g.T @ rows_g
         rows_a = a.reshape(-1, a.shape[-1])
         count = a.new_full((), float(rows_a.shape[0]))  # a fill kernel, no host copy
-        first, second = rows_g.T @ rows_g, rows_a.T @ rows_a
+        first, second = self.shared[key], rows_a.T @ rows_a
         return [second, first, count] if self.transposed else [first, second, count]
 
     def rotated(self, first: Tensor | None, second: Tensor | None) -> Product:

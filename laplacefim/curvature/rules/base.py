@@ -48,6 +48,11 @@ class RuleRegistry:
         """Use ``rule`` for modules of no registered type for which ``predicate`` holds."""
         self._by_behaviour.append((predicate, rule))
 
+    @property
+    def types(self) -> list[type]:
+        """The module types with a registered rule."""
+        return list(self._by_type)
+
     def lookup(self, module: nn.Module) -> LayerRule | None:
         """The rule for ``module``, or None (the generic rule applies)."""
         for cls in type(module).__mro__:

@@ -28,17 +28,12 @@ def product_rows(
 ) -> dict[str, list[Segment]]:
     """Segments of a ``weight`` (and ``bias``) used as ``Σ_t g_t a_tᵀ (+ b)``."""
     out: dict[str, list[Segment]] = {}
+    shared: dict[object, Tensor] = {}
     if "weight" in wanted:
-        out["weight"] = [Product(inputs, grads, transposed)]
+        out["weight"] = [Product(inputs, grads, transposed, shared)]
     if "bias" in wanted:
-        out["bias"] = [Product(None, grads)]
+        out["bias"] = [Product(None, grads, False, shared)]
     return out
-
-
-def _stack(calls: list[Call], inputs: list[Tensor], outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    a = torch.cat(inputs, dim=1)
-    g = torch.cat(outputs, dim=2)
-    return a, g
 
 
 def linear_rows(
@@ -54,7 +49,7 @@ def linear_rows(
         inputs.append(x.reshape(out.shape[0], -1, x.shape[-1]))
         g = call.grads[0]
         grads.append(g.reshape(g.shape[0], out.shape[0], -1, g.shape[-1]))
-    a, g = _stack(calls, inputs, grads)
+    a, g = torch.cat(inputs, dim=1), torch.cat(grads, dim=2)
     return product_rows(module, a, g, wanted)
 
 
@@ -82,5 +77,5 @@ def conv2d_rows(
             raise ValueError(f"nn.Conv2d needs batched (B, C, H, W) inputs, got {tuple(x.shape)}.")
         inputs.append(_patches(conv, x))
         grads.append(call.grads[0].flatten(3).transpose(2, 3))
-    a, g = _stack(calls, inputs, grads)
+    a, g = torch.cat(inputs, dim=1), torch.cat(grads, dim=2)
     return product_rows(module, a, g, wanted)

@@ -1,0 +1,318 @@
+"""The read side of a fitted Laplace: its posterior, evidence and predictions.
+
+:class:`~laplacefim.Laplace` derives from :class:`FittedPosterior` and adds the write side
+(options, fitting, tuning, persistence, fine-tuning). Everything here reads the values a fit
+produced (:mod:`laplacefim.config`) and hands them to functions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch import Tensor, nn
+
+from laplacefim import checks, persistence, posterior
+from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
+from laplacefim.distributions import posterior_distribution
+from laplacefim.fitting import eval_mode
+from laplacefim.options import Link, PredictMethod, parse_option
+from laplacefim.posterior import PosteriorPrecision
+from laplacefim.prediction import Prediction
+from laplacefim.predictive import (
+    check_inputs,
+    glm_prediction,
+    linearised_samples,
+    sampled_outputs,
+)
+from laplacefim.structures import BlockDiagonal
+from laplacefim.structures.base import Decomposition, Precision
+
+
+class FittedPosterior:
+    """Queries of a fitted Laplace approximation (the base of :class:`~laplacefim.Laplace`).
+
+    Attributes:
+        model: The model.
+        config: The curvature configuration.
+        weights_check: ``"raise"``, ``"warn"`` or ``"off"`` when the model's weights no
+            longer equal the fitted mean.
+    """
+
+    model: nn.Module
+    config: CurvatureConfig
+    weights_check: str
+    _hyper: Hyperparameters
+    _fit: FitState | None
+    _stale: bool
+    _versions: tuple[int, ...]
+    _decompositions: list[Decomposition] | None
+
+    # ---------------------------------------------------------------- fitted state
+    def _fitted(self) -> FitState:
+        if self._stale:
+            raise RuntimeError(
+                "the model changed in finetune(refit=False), so this posterior is stale; "
+                "call la.fit(train_loader) again."
+            )
+        if self._fit is None:
+            raise RuntimeError("this Laplace has not been fitted; call la.fit(train_loader) first.")
+        self._check_weights(self._fit)
+        return self._fit
+
+    def _check_weights(self, fit: FitState) -> None:
+        """Compare the model's weights with the fitted mean when a version counter moved."""
+        versions = tuple(p._version for p in fit.selection.params)
+        if self.weights_check == "off" or versions == self._versions:
+            return
+        difference = float(persistence.weights_difference(fit))
+        if difference == 0.0:
+            self._versions = versions
+            return
+        message = (
+            f"the model's weights changed since the fit (largest |θ - θ*| = {difference:.3g}): "
+            "the posterior describes the old weights. Refit with la.fit(loader), restore the "
+            "weights, or pass weights_check='warn' / 'off' to Laplace to use it anyway."
+        )
+        if self.weights_check == "raise":
+            raise RuntimeError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._versions = versions
+
+    def _set_fit(self, fit: FitState | None) -> None:
+        self._fit = fit
+        self._decompositions = None
+        self._stale = False
+        self._versions = () if fit is None else tuple(p._version for p in fit.selection.params)
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters ``P`` the posterior covers."""
+        return self._fitted().selection.n_params
+
+    @property
+    def n_data(self) -> int:
+        """Number of data the curvature was fitted on."""
+        return self._fitted().n_data
+
+    @property
+    def mean(self) -> Tensor:
+        """The posterior mean: the chosen parameters at fit time, flat ``(P,)``."""
+        return self._fitted().mean
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """Names of the chosen parameters, in flat order."""
+        return self._fitted().selection.names
+
+    @property
+    def last_layer(self) -> str | None:
+        """Name of the module found as the last layer (``subset="last_layer"`` only)."""
+        return self._fitted().last_layer
+
+    @property
+    def log_likelihood(self) -> Tensor:
+        """Log-likelihood of the training data at the mean, tempered: ``−Σ nll / T``."""
+        return posterior.log_likelihood(
+            self.config, self._hyper, self._fitted(), self._hyper.sigma_noise
+        )
+
+    @property
+    def curvature(self) -> BlockDiagonal:
+        """The fitted curvature ``F`` (summed over data, before temperature and prior)."""
+        return self._fitted().curvature
+
+    @property
+    def posterior_precision(self) -> PosteriorPrecision:
+        """The posterior precision ``s·F + P₀`` in the fitted structure (``s = 1/T``, times
+        the noise ratio when the regression noise changed after the fit)."""
+        fit = self._fitted()
+        dtype = fit.curvature.state()[0].dtype
+        prior = self._hyper.prior_precision.to(device=fit.mean.device, dtype=dtype)
+        scale = float(
+            posterior.curvature_scale(self.config, self._hyper, fit, self._hyper.sigma_noise)
+        )
+        return PosteriorPrecision(fit.curvature, scale, fit.layout.per_param(prior))
+
+    def _decomposed(self) -> list[Decomposition]:
+        if self._decompositions is None:
+            self._decompositions = self._fitted().curvature.decompose()
+        return self._decompositions
+
+    def _precisions(self, hyper: Hyperparameters | None = None) -> list[Precision]:
+        fit = self._fitted()
+        return posterior.precisions(self.config, hyper or self._hyper, fit, self._decomposed())
+
+    # ---------------------------------------------------------------- evidence
+    def _hyper_value(self, value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
+        """A prior or noise value for the evidence: kept differentiable, checked > 0."""
+        if value is None:
+            value = default
+        tensor = (
+            value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+        )
+        tensor = tensor.to(device=self._fitted().mean.device, dtype=torch.float64)
+        if not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
+            raise ValueError(f"{name} must be finite and > 0 for the evidence, got {value!r}.")
+        return tensor
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: float | Tensor | None = None,
+        sigma_noise: float | Tensor | None = None,
+    ) -> Tensor:
+        """The Laplace evidence ``log p(D|θ*) − ½ θ*ᵀP₀θ* − ½ log(det P / det P₀)``.
+
+        The prior mean is 0 and ``P = s·F + P₀`` the posterior precision. After one
+        decomposition (cached) each evaluation costs O(P) for diagonal and KFAC; it is
+        differentiable in both arguments and never changes the object.
+
+        Args:
+            prior_precision: Prior to evaluate at (0-d, ``(L,)`` or ``(P,)``); the current
+                one if None.
+            sigma_noise: Regression noise to evaluate at; the current one if None.
+
+        Returns:
+            A 0-d tensor.
+
+        Raises:
+            ValueError: For a prior or noise that is not finite and > 0.
+
+        Example:
+            >>> la.log_marginal_likelihood(torch.tensor(2.0, requires_grad=True)).backward()
+        """
+        prior = self._hyper_value(prior_precision, self._hyper.prior_precision, "prior_precision")
+        sigma = self._hyper_value(sigma_noise, self._hyper.sigma_noise, "sigma_noise")
+        fit = self._fitted()
+        return posterior.evidence(self.config, self._hyper, fit, self._decomposed())(prior, sigma)
+
+    # ---------------------------------------------------------------- posterior
+    @property
+    def posterior(self) -> TorchDistribution:
+        """The posterior over the flat chosen parameters as a pyro distribution.
+
+        Diagonal structures give ``Normal(...).to_event(1)``, one dense block a
+        ``MultivariateNormal``, others a :class:`BlockDiagonalNormal`.
+        """
+        return posterior_distribution(self._fitted().mean, self._precisions())
+
+    def sample(self, n_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Weight samples from the posterior, ``(n_samples, P)``.
+
+        Args:
+            n_samples: Number of samples.
+            generator: Random generator on the model's device.
+        """
+        fit = self._fitted()
+        blocks = self._precisions()
+        z = torch.randn(
+            (checks.integer(n_samples, "n_samples"), fit.mean.numel()),
+            dtype=fit.mean.dtype,
+            device=fit.mean.device,
+            generator=generator,
+        )
+        parts = z.split([block.numel for block in blocks], dim=1)
+        return fit.mean + torch.cat(
+            [block.sample(part) for block, part in zip(blocks, parts, strict=True)], dim=1
+        )
+
+    def predict(
+        self,
+        x: object,
+        method: str | PredictMethod = "glm",
+        link: str | Link = "probit",
+        n_samples: int = 100,
+        *,
+        generator: torch.Generator | None = None,
+        joint_outputs: bool = False,
+        chunk_size: int = 256,
+    ) -> Prediction:
+        """Predictive distribution at inputs ``x``.
+
+        ``method="glm"`` linearises the model around the mean: the outputs are Gaussian
+        with covariance ``J Σ Jᵀ``, computed per block from captured inputs and output
+        gradients (no Jacobian except for a dense posterior), and ``link`` turns it into
+        probabilities: ``"probit"`` (closed-form approximation), ``"mc"`` (``n_samples``
+        logit samples), ``"bridge"`` (Laplace bridge to a Dirichlet).
+        ``method="nn"`` samples ``n_samples`` weight vectors and runs the network.
+
+        Args:
+            x: Inputs ``(B, ...)`` on the model's device, shaped like the training inputs,
+                or a mapping of them (as the model takes them).
+            method: ``"glm"`` or ``"nn"``.
+            link: ``"probit"``, ``"mc"`` or ``"bridge"`` (classification, GLM only).
+            n_samples: Samples for ``link="mc"`` and ``method="nn"``.
+            generator: Random generator on the model's device.
+            joint_outputs: Also return the output covariance ``(B, C, C)``.
+            chunk_size: Inputs processed at a time (bounds the memory).
+
+        Returns:
+            A :class:`Prediction`.
+
+        Raises:
+            RuntimeError: Before ``fit``, or when the model's weights changed since.
+            ValueError: For inputs on another device or of another shape than the training
+                inputs, unknown options, or a singular posterior precision.
+
+        Example:
+            >>> probs = la.predict(x_test).probs
+        """
+        method = parse_option(method, PredictMethod, "method")
+        link = parse_option(link, Link, "link")
+        fit = self._fitted()
+        x = check_inputs(x, fit, self.config.io)
+        if method is PredictMethod.GLM:
+            return glm_prediction(
+                self.model,
+                self.config,
+                self._hyper,
+                fit,
+                self._precisions(),
+                x,
+                link=link,
+                n_samples=n_samples,
+                generator=generator,
+                joint_outputs=joint_outputs,
+                chunk_size=chunk_size,
+            )
+        with eval_mode(self.model):
+            weights = self.sample(n_samples, generator=generator)
+            outputs = sampled_outputs(
+                self.model, self.config.io, fit.selection.params, weights, x, chunk_size=chunk_size
+            )
+        return self.config.likelihood.sampled_predictive(
+            outputs.to(fit.mean.dtype), noise=self._hyper.sigma_noise, joint_outputs=joint_outputs
+        )
+
+    def __call__(self, x: object, **options: Any) -> Prediction:
+        """Shorthand for :meth:`predict`."""
+        return self.predict(x, **options)
+
+    def predictive_samples(
+        self,
+        x: object,
+        n_samples: int,
+        *,
+        generator: torch.Generator | None = None,
+        chunk_size: int = 256,
+    ) -> Tensor:
+        """Function samples of the linearised model, ``(S, B, C)`` (or ``(S, B, K)``).
+
+        Each sample uses one weight draw for all inputs, so samples are jointly correct:
+        their covariance across inputs is the GLM's ``J(x) Σ J(x')ᵀ``.
+
+        Args:
+            x: Inputs ``(B, ...)``, or a mapping of them.
+            n_samples: Number of function samples ``S``.
+            generator: Random generator on the model's device.
+            chunk_size: Inputs processed at a time.
+        """
+        fit = self._fitted()
+        x = check_inputs(x, fit, self.config.io)
+        deltas = self.sample(n_samples, generator=generator) - fit.mean
+        with eval_mode(self.model):
+            return linearised_samples(
+                self.model, self.config.io, fit.selection.names, deltas, x, chunk_size=chunk_size
+            )
