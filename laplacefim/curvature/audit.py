@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from laplacefim.curvature.hooks import Call, record
-from laplacefim.curvature.rows import Segment
+from laplacefim.curvature.segments import Segment
 from laplacefim.inputs import ModelIO, batch_size, take
 
 PROBE_ROWS = 3

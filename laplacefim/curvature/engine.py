@@ -7,7 +7,7 @@ functionally), else the module that owns it with the generic ``torch.func`` rule
 parameter used by several modules (tied weights) gets the sum of its uses' per-sample
 gradients. Per batch, the likelihood's columns are backpropagated to the watched modules'
 outputs only, in one ``is_grads_batched`` backward, and each rule turns what its module
-saw into segments (:mod:`laplacefim.curvature.rows`). Structures read the segments.
+saw into segments (:mod:`laplacefim.curvature.segments`). Structures read the segments.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from laplacefim.curvature.audit import audit
 from laplacefim.curvature.hooks import Call, record
 from laplacefim.curvature.kinds import columns
-from laplacefim.curvature.rows import Samples, Segment
 from laplacefim.curvature.rules import GENERIC, RULES, LayerRule
+from laplacefim.curvature.segments import Samples, Segment
 from laplacefim.inputs import ModelIO
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.options import CurvatureKind

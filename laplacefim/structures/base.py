@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.rows import Samples, Segment
+from laplacefim.curvature.segments import Samples, Segment
 from laplacefim.options import CurvatureKind, KfacApprox
 
 SegmentMap = Mapping[str, list[Segment]]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.rows import Segment
+from laplacefim.curvature.segments import Segment
 from laplacefim.options import CurvatureKind
 from laplacefim.structures.base import Block, Plan, SegmentMap, gather, whole
 from laplacefim.structures.eigen import EigenDecomposition, IdentityBasis

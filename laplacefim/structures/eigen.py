@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.rows import Segment
+from laplacefim.curvature.segments import Segment
 
 
 class Basis(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.rows import Product, Segment
+from laplacefim.curvature.segments import Product, Segment
 from laplacefim.options import CurvatureKind
 from laplacefim.structures.base import Block, Plan, SegmentMap, gather, whole
 from laplacefim.structures.eigen import DenseBasis, EigenDecomposition, symmetric_eigh

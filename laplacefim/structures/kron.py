@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.rows import Segment
+from laplacefim.curvature.segments import Segment
 from laplacefim.options import CurvatureKind, KfacApprox
 from laplacefim.structures.base import Block, Plan, SegmentMap, zeros_like
 from laplacefim.structures.diag import diag_block

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from laplacefim import checks
-from laplacefim.curvature.rows import Segment
+from laplacefim.curvature.segments import Segment
 from laplacefim.linalg import Eigen, Which, krylov_steps
 from laplacefim.options import CurvatureKind
 from laplacefim.structures.base import Block, Plan, SegmentMap, gather, whole

@@ -117,7 +117,8 @@ def test_decomposition_matches_its_dense_block(structure, arch, prior_kind):
 def test_state_does_not_depend_on_the_batch_split(structure):
     model, x, y = _problem("cnn")
     dense = [
-        Laplace(model, structure=STRUCTURE_CASES[structure]).fit(ref.loader(x, y, size))
+        Laplace(model, structure=STRUCTURE_CASES[structure])
+        .fit(ref.loader(x, y, size))
         .curvature.to_dense()
         for size in (1, 4, 11)
     ]

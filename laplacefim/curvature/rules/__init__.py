@@ -4,7 +4,7 @@ A rule is one function with one signature, ``rows(module, calls, wanted)``: give
 calls the hooks recorded for a module (its inputs, outputs and the gradients of the
 backpropagated columns w.r.t. those outputs), it returns, for each wanted parameter (by
 name relative to the module), the per-sample gradients as segments
-(:mod:`laplacefim.curvature.rows`). ``claims`` says which parameters it accounts for
+(:mod:`laplacefim.curvature.segments`). ``claims`` says which parameters it accounts for
 (the module's own by default; a rule may claim those of submodules it calls
 functionally, as attention does with ``out_proj``).
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from laplacefim.curvature.hooks import Call
-from laplacefim.curvature.rows import Segment
+from laplacefim.curvature.segments import Segment
 
 RowsFn = Callable[[nn.Module, list[Call], frozenset[str]], dict[str, list[Segment]]]
 

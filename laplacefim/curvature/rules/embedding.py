@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from laplacefim.curvature.hooks import Call
-from laplacefim.curvature.rows import Segment, Tokens
 from laplacefim.curvature.rules.base import batched, check_batch_first
+from laplacefim.curvature.segments import Segment, Tokens
 
 
 def embedding_rows(

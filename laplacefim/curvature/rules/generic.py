@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from laplacefim.curvature.hooks import Call
-from laplacefim.curvature.rows import Samples, Segment
 from laplacefim.curvature.rules.base import check_batch_first
+from laplacefim.curvature.segments import Samples, Segment
 
 
 def _floating(output: Any) -> tuple[Tensor, ...]:

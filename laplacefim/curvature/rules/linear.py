@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from laplacefim.curvature.hooks import Call
-from laplacefim.curvature.rows import Product, Segment
 from laplacefim.curvature.rules.base import batched, check_batch_first
 from laplacefim.curvature.rules.generic import generic_rows
+from laplacefim.curvature.segments import Product, Segment
 
 
 def product_rows(

@@ -1,0 +1,112 @@
+"""Per-sample gradients in factorised form: what a layer rule returns, what structures read.
+
+For one batch, the engine backpropagates ``V`` columns (loss-Hessian square-root columns,
+sampled-label gradients, or the true-label gradient) and a layer rule describes, for each
+parameter it accounts for, the per-sample, per-column gradients ``u_{v,b}`` as one or more
+*segments* covering consecutive slices of the parameter's flat (row-major) vector:
+
+* :class:`Product` — ``u = Σ_t g_t a_tᵀ`` over ``T`` positions that share the weight
+  (``nn.Linear``, ``nn.Conv2d`` patches, recurrent steps, attention projections); a bias is
+  the case ``a_t = 1``. Kronecker factors, exact diagonals and GLM contractions follow
+  without forming ``u``.
+* :class:`Tokens` — ``u = Σ_t e_{token_t} g_tᵀ`` (``nn.Embedding``).
+* :class:`Samples` — ``u`` itself, ``(V, B, p)`` (any other module, via ``torch.func``).
+
+Every segment answers the same questions (the structures never ask which kind it is):
+the exact diagonal ``Σ_{v,b} u²``, Kronecker factors (or None), ``u`` itself, weighted
+Gram matrices ``Σ_p u_{v,b,p} u_{w,b,p} w_p``, coordinates in a Kronecker eigenbasis, and
+products with vectors (``uᵀX`` and ``Σ c u``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from laplacefim.options import KfacApprox
+
+# Upper bound on elements of a per-sample gradient chunk (V · B_chunk · p); bounds memory.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class Segment(Protocol):
+    """Per-sample gradients ``u (V, B, size)`` of a parameter slice, in some factorised form."""
+
+    @property
+    def grads(self) -> Tensor:
+        """The segment's gradient tensor (its dtype and device are the segment's)."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Number of parameters covered."""
+        ...
+
+    @property
+    def n_columns(self) -> int:
+        """``V``."""
+        ...
+
+    @property
+    def batch(self) -> int:
+        """``B``."""
+        ...
+
+    def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> Segment:
+        """The same segment with floating tensors in ``dtype`` (see :func:`cast`)."""
+        ...
+
+    def per_sample(self) -> Tensor:
+        """``u``, ``(V, B, size)``."""
+        ...
+
+    def diag(self) -> Tensor:
+        """``Σ_{v,b} u²``, ``(size,)``."""
+        ...
+
+    def kron(self, approx: KfacApprox) -> list[Tensor] | None:
+        """``[first, second, count]`` of a Kronecker block ``(first ⊗ second)/count`` in the
+        slice's flat order, or None where no Kronecker factorisation exists."""
+        ...
+
+    def rotated(self, first: Tensor | None, second: Tensor | None) -> Segment:
+        """The segment in the coordinates of the Kronecker basis ``first ⊗ second``
+        (orthonormal columns; None for the identity)."""
+        ...
+
+    def gram(self, weights: Tensor) -> Tensor:
+        """``Σ_p u_{v,b,p} u_{w,b,p} weights_p``: ``(B, V, V)``."""
+        ...
+
+    def dots(self, vectors: Tensor) -> Tensor:
+        """``Σ_p u_{v,b,p} X_{k,p}`` for rows ``X (k, size)``: ``(V, B, k)``."""
+        ...
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """``Σ_{v,b} c_{v,b,k} u_{v,b}`` for ``c (V, B, k)``: ``(k, size)``."""
+        ...
+
+    def total(self) -> Tensor:
+        """``Σ_b u``: ``(V, size)``, the gradient of each column's sum over the batch."""
+        ...
+
+
+def cast(tensor: Tensor, dtype: torch.dtype, memo: dict[int, Tensor]) -> Tensor:
+    """``tensor`` in ``dtype``, converting each distinct tensor once (segments of one layer
+    share their output gradients, and keep sharing them)."""
+    if tensor.dtype == dtype:
+        return tensor
+    key = id(tensor)
+    if key not in memo:
+        memo[key] = tensor.to(dtype)
+    return memo[key]
+
+
+def batch_chunks(n_columns: int, batch: int, per_sample: int) -> int:
+    return max(1, min(batch, CHUNK_ELEMENTS // max(n_columns * per_sample, 1)))
+
+
+def gram_of(u: Tensor, weights: Tensor) -> Tensor:
+    return torch.einsum("vbp,wbp->bvw", u * weights, u)

@@ -1,0 +1,174 @@
+"""``u = Σ_t g_t a_tᵀ``: weights applied at positions (linear layers, convolutions, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from laplacefim.curvature.segments.base import batch_chunks, cast
+from laplacefim.options import KfacApprox
+
+
+@dataclass(frozen=True)
+class Product:
+    """``u = Σ_t g_t a_tᵀ``: a ``(d_out, d_in)`` grid laid into a parameter slice.
+
+    Attributes:
+        inputs: ``(B, T, d_in)`` inputs at the ``T`` positions sharing the weight; None for a
+            bias (``a_t = 1``, ``d_in = 1``).
+        grads: ``(V, B, T, d_out)`` gradients of the columns w.r.t. the outputs.
+        transposed: The slice stores the grid as ``(d_in, d_out)`` row-major (a weight used
+            as ``x @ W``, such as HuggingFace's ``Conv1D``).
+        shared: Scratch space shared by the segments of one layer in one batch (a weight and
+            its bias have the same output factor ``G``: it is formed once).
+    """
+
+    inputs: Tensor | None
+    grads: Tensor
+    transposed: bool = False
+    shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def d_out(self) -> int:
+        """Output size."""
+        return self.grads.shape[-1]
+
+    @property
+    def d_in(self) -> int:
+        """Input size (1 for a bias)."""
+        return 1 if self.inputs is None else self.inputs.shape[-1]
+
+    @property
+    def size(self) -> int:
+        """Number of parameters covered."""
+        return self.d_out * self.d_in
+
+    @property
+    def n_columns(self) -> int:
+        """``V``."""
+        return self.grads.shape[0]
+
+    @property
+    def batch(self) -> int:
+        """``B``."""
+        return self.grads.shape[1]
+
+    @property
+    def positions(self) -> int:
+        """``T``."""
+        return self.grads.shape[2]
+
+    def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> Product:
+        """Cast to ``dtype``."""
+        inputs = None if self.inputs is None else cast(self.inputs, dtype, memo)
+        return Product(inputs, cast(self.grads, dtype, memo), self.transposed, self.shared)
+
+    def _a(self) -> Tensor:
+        if self.inputs is not None:
+            return self.inputs
+        return self.grads.new_ones(self.batch, self.positions, 1)
+
+    def _flat(self, grid: Tensor) -> Tensor:
+        """A ``(..., d_out, d_in)`` grid in the slice's flat order ``(..., size)``."""
+        if self.transposed:
+            grid = grid.transpose(-1, -2)
+        return grid.reshape(*grid.shape[:-2], -1)
+
+    def _grid(self, flat: Tensor) -> Tensor:
+        """Inverse of :meth:`_flat`: ``(..., size)`` to ``(..., d_out, d_in)``."""
+        if self.transposed:
+            return flat.reshape(*flat.shape[:-1], self.d_in, self.d_out).transpose(-1, -2)
+        return flat.reshape(*flat.shape[:-1], self.d_out, self.d_in)
+
+    def per_sample(self) -> Tensor:
+        """``u (V, B, size)``."""
+        if self.inputs is None:
+            return self.grads.sum(2)
+        return self._flat(torch.einsum("vbto,bti->vboi", self.grads, self.inputs))
+
+    def diag(self) -> Tensor:
+        """Exact diagonal: one GEMM for ``T = 1``, per-sample chunks otherwise."""
+        g = self.grads
+        if self.inputs is None:
+            return g.sum(2).square().sum((0, 1))
+        a = self.inputs
+        if self.positions == 1:
+            return self._flat(g[:, :, 0].square().sum(0).T @ a[:, 0].square())
+        total = a.new_zeros(self.d_out, self.d_in)
+        step = batch_chunks(self.n_columns, self.batch, self.size)
+        for start in range(0, self.batch, step):
+            part = torch.einsum(
+                "vbto,bti->vboi", g[:, start : start + step], a[start : start + step]
+            )
+            total += part.square().sum((0, 1))
+        return self._flat(total)
+
+    def kron(self, approx: KfacApprox) -> list[Tensor]:
+        """Factors ``G = Σ g gᵀ`` and ``A = Σ a aᵀ`` over rows, and the row count.
+
+        ``expand`` counts every (datum, position) as a row; ``reduce`` sums the output
+        gradients and averages the inputs over the positions of each datum first.
+        """
+        g, a = self.grads, self._a()
+        reduce = approx is KfacApprox.REDUCE and self.positions > 1
+        if reduce:
+            g, a = g.sum(2, keepdim=True), a.mean(1, keepdim=True)
+        key = ("G", reduce, g.dtype)
+        if key not in self.shared:
+            rows_g = g.reshape(-1, self.d_out)
+            self.shared[key] = rows_g.T @ rows_g
+        rows_a = a.reshape(-1, a.shape[-1])
+        count = a.new_full((), float(rows_a.shape[0]))  # a fill kernel, no host copy
+        first, second = self.shared[key], rows_a.T @ rows_a
+        return [second, first, count] if self.transposed else [first, second, count]
+
+    def rotated(self, first: Tensor | None, second: Tensor | None) -> Product:
+        """Rotate ``g`` and ``a`` into the eigenbases of their factors."""
+        q_out, q_in = (second, first) if self.transposed else (first, second)
+        g = self.grads if q_out is None else self.grads @ q_out
+        a = self.inputs
+        if q_in is not None:
+            a = self._a() @ q_in
+        return Product(a, g, self.transposed)
+
+    def gram(self, weights: Tensor) -> Tensor:
+        """``(B, V, V)``: a contraction of ``g² ⊗ a²`` for ``T = 1``, chunks otherwise."""
+        g = self.grads
+        if self.inputs is None:
+            s = g.sum(2)
+            return torch.einsum("vbo,wbo->bvw", s * weights, s)
+        w = self._grid(weights)
+        if self.positions == 1:
+            per_output = self.inputs[:, 0].square() @ w.T  # (B, d_out)
+            return torch.einsum("vbo,wbo->bvw", g[:, :, 0] * per_output, g[:, :, 0])
+        out = []
+        step = batch_chunks(self.n_columns, self.batch, self.size)
+        for start in range(0, self.batch, step):
+            u = torch.einsum(
+                "vbto,bti->vboi", g[:, start : start + step], self.inputs[start : start + step]
+            )
+            out.append(torch.einsum("vboi,wboi->bvw", u * w, u))
+        return torch.cat(out)
+
+    def dots(self, vectors: Tensor) -> Tensor:
+        """``uᵀX`` through ``a`` and ``g``: ``(V, B, k)``."""
+        x = self._grid(vectors)  # (k, d_out, d_in)
+        if self.inputs is None:
+            return torch.einsum("vbo,ko->vbk", self.grads.sum(2), x[..., 0])
+        ax = torch.einsum("bti,koi->btko", self.inputs, x)
+        return torch.einsum("vbto,btko->vbk", self.grads, ax)
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """``Σ c u``: ``(k, size)``."""
+        if self.inputs is None:
+            return torch.einsum("vbk,vbo->ko", coefficients, self.grads.sum(2))
+        gc = torch.einsum("vbk,vbto->btko", coefficients, self.grads)
+        return self._flat(torch.einsum("btko,bti->koi", gc, self.inputs))
+
+    def total(self) -> Tensor:
+        """``Σ_b u``: ``(V, size)``."""
+        if self.inputs is None:
+            return self.grads.sum((1, 2))
+        return self._flat(torch.einsum("vbto,bti->voi", self.grads, self.inputs))
