@@ -531,3 +531,15 @@ def targets(likelihood: str, n: int, n_out: int, gen: torch.Generator) -> Tensor
 def loader(x: Tensor, y: Tensor, batch_size: int = 5):
     ds = torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def loop_jacobian(model: nn.Module, names: Sequence[str], x: Tensor) -> Tensor:
+    """Per-datum Jacobian (B, C, P), one datum at a time with ``torch.autograd.functional``
+    (for modules whose kernels ``vmap`` cannot batch, such as fused recurrent layers)."""
+    f = functional(model, names)
+    theta = flat_params(model, names)
+    rows = [
+        torch.autograd.functional.jacobian(lambda t, xn=xn: f(t, xn[None]).reshape(-1), theta)
+        for xn in x
+    ]
+    return torch.stack(rows)

@@ -144,6 +144,7 @@ class CurvatureEngine:
         self.dtype = dtype
         self.slots, self.rules = resolve_uses(model, selection)
         self.modules = {name: model.get_submodule(name) for name in self.rules}
+        self.broadcast = frozenset(name for name, rule in self.rules.items() if rule.broadcast)
         self.wanted = {
             name: frozenset(u.local for s in self.slots for u in s.uses if u.module == name)
             for name in self.rules
@@ -161,7 +162,7 @@ class CurvatureEngine:
         """
         if not self._audited:
             params = [(slot.name, slot.param) for slot in self.slots]
-            audit(self.model, self.io, self.modules, params, self.segments, x)
+            audit(self.model, self.io, self.modules, self.broadcast, params, self.segments, x)
             self._audited = True
         f, f2, calls = self.forward(x, y.shape[0])
         targets = self.likelihood.targets(f2, y)
@@ -204,7 +205,9 @@ class CurvatureEngine:
             The output as the model gave it, the likelihood's checked view ``(B, C)``
             (detached), and the recorded calls per module.
         """
-        with record(self.modules, track_grad=not self._fast, batch=batch) as recording:
+        with record(
+            self.modules, track_grad=not self._fast, batch=batch, broadcast=self.broadcast
+        ) as recording:
             f = self.io.call(self.model, x)
         f2 = self.likelihood.outputs(f.detach())
         calls = recording.calls

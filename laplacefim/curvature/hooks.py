@@ -5,16 +5,18 @@ respect to the recorded outputs (never with respect to the weights), which is al
 per-layer rules need. Outputs may be any nest of tensors (tuples from attention and
 recurrent layers); each tensor in it is recorded.
 
-An output whose leading dimension is 1 while the batch has ``B > 1`` rows (a learned
-position embedding looked up with ``(1, T)`` ids and broadcast over the batch) is
-*expanded* to ``B`` rows on its way out, so that its gradient arrives per datum instead of
-summed over the batch; the call notes it, and rules expand the matching inputs. The
-engine's audit checks, on the first batch, that this leaves the model's outputs unchanged.
+A module that sees no batch (none of its tensor inputs has ``B`` rows) but outputs a
+tensor with a leading dimension of 1 while ``B > 1`` — a learned position embedding looked
+up with ``(1, T)`` ids and broadcast over the batch — has that output *expanded* to ``B``
+rows on its way out, so that its gradient arrives per datum instead of summed over the
+batch; the call notes it, and rules expand the matching inputs. Modules whose rules know
+their own layout (recurrent layers, attention) are never expanded. The engine's audit
+checks, on the first batch, that this leaves the model's outputs unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +71,11 @@ def _detach(value: Any) -> Any:
 
 @contextmanager
 def record(
-    modules: Mapping[str, nn.Module], *, track_grad: bool, batch: int
+    modules: Mapping[str, nn.Module],
+    *,
+    track_grad: bool,
+    batch: int,
+    broadcast: Collection[str] = (),
 ) -> Iterator[Recording]:
     """Record the inputs and outputs of ``modules`` while the block runs.
 
@@ -78,7 +84,9 @@ def record(
         track_grad: Whether autograd records the forward pass. When True, each output
             tensor is cloned on its way out so that later in-place operations leave the
             recorded one intact.
-        batch: Rows of the batch ``B``; outputs with a leading 1 are expanded to it.
+        batch: Rows of the batch ``B``.
+        broadcast: Names of the modules whose outputs may be expanded to ``B`` rows when
+            they see no batch-sized input.
 
     Yields:
         The recording, filled as the model runs.
@@ -90,6 +98,11 @@ def record(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
             leaves, spec = tree_flatten(output)
+            inputs, _ = tree_flatten((args, kwargs))
+            sees_batch = any(
+                isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch for a in inputs
+            )
+            may_expand = name in broadcast and batch > 1 and not sees_batch
             outputs: list[Tensor] = []
             expanded: list[bool] = []
             returned: list[Any] = []
@@ -99,7 +112,7 @@ def record(
                     returned.append(leaf)
                     continue
                 grows = track_grad and leaf.requires_grad
-                expand = grows and batch > 1 and leaf.ndim > 0 and leaf.shape[0] == 1
+                expand = may_expand and grows and leaf.ndim > 0 and leaf.shape[0] == 1
                 seen = leaf.expand(batch, *leaf.shape[1:]) if expand else leaf
                 outputs.append(seen)
                 expanded.append(expand)

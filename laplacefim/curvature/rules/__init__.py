@@ -18,15 +18,25 @@ from __future__ import annotations
 
 from torch import nn
 
+from laplacefim.curvature.rules.attention import attention_claims, attention_rows
 from laplacefim.curvature.rules.base import LayerRule, RuleRegistry, own_parameters
 from laplacefim.curvature.rules.embedding import embedding_rows
 from laplacefim.curvature.rules.generic import generic_rows
-from laplacefim.curvature.rules.linear import conv2d_rows, linear_rows
+from laplacefim.curvature.rules.linear import (
+    conv2d_rows,
+    is_transposed_linear,
+    linear_rows,
+    transposed_linear_rows,
+)
+from laplacefim.curvature.rules.recurrent import recurrent_rows
 
 GENERIC = LayerRule(generic_rows)
 RULES = RuleRegistry()
 RULES.register(nn.Linear, LayerRule(linear_rows))
 RULES.register(nn.Conv2d, LayerRule(conv2d_rows))
 RULES.register(nn.Embedding, LayerRule(embedding_rows))
+RULES.register(nn.MultiheadAttention, LayerRule(attention_rows, attention_claims, broadcast=False))
+RULES.register(nn.RNNBase, LayerRule(recurrent_rows, broadcast=False))
+RULES.register_behaviour(is_transposed_linear, LayerRule(transposed_linear_rows))
 
 __all__ = ["GENERIC", "RULES", "LayerRule", "RuleRegistry", "own_parameters"]

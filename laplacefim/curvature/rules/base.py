@@ -26,10 +26,14 @@ class LayerRule:
         rows: ``(module, calls, wanted) -> {parameter name: [segments]}``.
         claims: ``module -> names`` of the parameters the rule accounts for, relative to
             the module.
+        broadcast: Whether the module's outputs are batch-first, so that an output with a
+            leading 1 from a module that sees no batch is broadcast over it (False for
+            rules that read their module's layout themselves).
     """
 
     rows: RowsFn
     claims: Callable[[nn.Module], tuple[str, ...]] = own_parameters
+    broadcast: bool = True
 
 
 class RuleRegistry:

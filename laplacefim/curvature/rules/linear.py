@@ -1,12 +1,15 @@
 """Dense-input layers: the weight gradient is ``Σ_t g_t a_tᵀ`` over positions ``t``.
 
-``nn.Linear`` on ``(B, *, d_in)`` inputs (every leading position shares the weight) and
+``nn.Linear`` on ``(B, *, d_in)`` inputs (every leading position shares the weight),
 ``nn.Conv2d`` with ``groups=1`` (positions are the output pixels, inputs the unfolded
-patches). A layer called several times per forward stacks its calls as more positions.
+patches), and *transposed linear* layers computing ``x @ W + b`` with ``W (d_in, d_out)``
+— HuggingFace's ``Conv1D`` in GPT-2 — recognised by behaviour, without importing their
+library. A layer called several times per forward stacks its calls as more positions.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -40,17 +43,68 @@ def linear_rows(
     module: nn.Module, calls: list[Call], wanted: frozenset[str]
 ) -> dict[str, list[Segment]]:
     """``nn.Linear``: inputs ``(B, *, d_in)``, every leading position shares the weight."""
+    a, g = _positions(module, calls)
+    return product_rows(module, a, g, wanted)
+
+
+def transposed_linear_rows(
+    module: nn.Module, calls: list[Call], wanted: frozenset[str]
+) -> dict[str, list[Segment]]:
+    """``x @ W + b`` with ``W (d_in, d_out)``: the grid is stored transposed."""
+    a, g = _positions(module, calls)
+    return product_rows(module, a, g, wanted, transposed=True)
+
+
+_TRANSPOSED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether a leaf module with a 2-D ``weight`` (and a ``bias``) computes ``x @ W + b``.
+
+    Decided once per module by running it on a small random input.
+    """
+    if module in _TRANSPOSED:
+        return _TRANSPOSED[module]
+    params = dict(module.named_parameters(recurse=False))
+    weight, bias = params.get("weight"), params.get("bias")
+    found = False
+    if (
+        not list(module.children())
+        and set(params) <= {"weight", "bias"}
+        and weight is not None
+        and weight.ndim == 2
+        and (bias is None or bias.shape == (weight.shape[1],))
+    ):
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(2, 3, weight.shape[0], generator=generator, dtype=torch.float64)
+        x = probe.to(dtype=weight.dtype, device=weight.device)
+        try:
+            with torch.no_grad():
+                out = module(x)
+        except Exception:
+            out = None
+        if isinstance(out, Tensor):
+            with torch.no_grad():
+                expected = x @ weight + (0 if bias is None else bias)
+            scale = float(expected.abs().max().clamp_min(1e-30))
+            error = float((out - expected).abs().max()) if out.shape == expected.shape else 1e30
+            found = error <= 1e-3 * scale
+    _TRANSPOSED[module] = found
+    return found
+
+
+def _positions(module: nn.Module, calls: list[Call]) -> tuple[Tensor, Tensor]:
+    """Inputs ``(B, T, d_in)`` and output gradients ``(V, B, T, d_out)`` of every call."""
     inputs, grads = [], []
     for call in calls:
         out = check_batch_first(module, call)
         x = batched(call.arg(0, "input"), call)
         if x.ndim < 2:
-            raise ValueError(f"nn.Linear got an unbatched input of shape {tuple(x.shape)}.")
+            raise ValueError(f"a linear layer got an unbatched input of shape {tuple(x.shape)}.")
         inputs.append(x.reshape(out.shape[0], -1, x.shape[-1]))
         g = call.grads[0]
         grads.append(g.reshape(g.shape[0], out.shape[0], -1, g.shape[-1]))
-    a, g = torch.cat(inputs, dim=1), torch.cat(grads, dim=2)
-    return product_rows(module, a, g, wanted)
+    return torch.cat(inputs, dim=1), torch.cat(grads, dim=2)
 
 
 def _patches(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -172,3 +172,12 @@ class Product:
         if self.inputs is None:
             return self.grads.sum((1, 2))
         return self._flat(torch.einsum("vbto,bti->voi", self.grads, self.inputs))
+
+
+def stack_positions(products: list[Product]) -> Product:
+    """Products of the same weight from several calls, stacked as more positions."""
+    first = products[0]
+    inputs = None
+    if first.inputs is not None:
+        inputs = torch.cat([p.inputs for p in products if p.inputs is not None], 1)
+    return Product(inputs, torch.cat([p.grads for p in products], 2), first.transposed)
