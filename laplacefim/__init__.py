@@ -10,6 +10,7 @@ see ``docs/extending.md``.
 
 from laplacefim import geometry, metrics
 from laplacefim.distributions import BlockDiagonalNormal
+from laplacefim.inputs import ModelIO
 from laplacefim.laplace import Laplace
 from laplacefim.likelihoods import LIKELIHOODS, Heteroscedastic
 from laplacefim.marglik import PriorTuning
@@ -38,6 +39,7 @@ __all__ = [
     "Laplace",
     "Link",
     "LowRank",
+    "ModelIO",
     "MonitorRecord",
     "NaturalGradient",
     "PosteriorPrecision",

@@ -43,6 +43,7 @@ def finetune(
     kind = options.pop("curvature", config.kind)
     options.setdefault("kl_clip", 1e-3)
     options.setdefault("fisher_samples", config.fisher_samples)
+    options.setdefault("io", config.io)
     ngd = NaturalGradient(
         model,
         config.likelihood,

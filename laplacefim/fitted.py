@@ -136,6 +136,12 @@ class FittedPosterior:
         )
         return PosteriorPrecision(fit.curvature, scale, fit.layout.per_param(prior))
 
+    @staticmethod
+    def _dtype(fit: FitState) -> torch.dtype:
+        """The dtype of samples and predictions: the parameters', at least the statistics'
+        (float32 for half-precision models)."""
+        return torch.promote_types(fit.mean.dtype, fit.curvature.state()[0].dtype)
+
     def _decomposed(self) -> list[Decomposition]:
         if self._decompositions is None:
             self._decompositions = self._fitted().curvature.decompose()
@@ -186,7 +192,9 @@ class FittedPosterior:
         prior = self._hyper_value(prior_precision, self._hyper.prior_precision, "prior_precision")
         sigma = self._hyper_value(sigma_noise, self._hyper.sigma_noise, "sigma_noise")
         fit = self._fitted()
-        return posterior.evidence(self.config, self._hyper, fit, self._decomposed())(prior, sigma)
+        value = posterior.evidence(self.config, self._hyper, fit, self._decomposed())(prior, sigma)
+        posterior.warn_rounding(fit, prior)
+        return value
 
     # ---------------------------------------------------------------- posterior
     @property
@@ -196,7 +204,8 @@ class FittedPosterior:
         Diagonal structures give ``Normal(...).to_event(1)``, one dense block a
         ``MultivariateNormal``, others a :class:`BlockDiagonalNormal`.
         """
-        return posterior_distribution(self._fitted().mean, self._precisions())
+        fit = self._fitted()
+        return posterior_distribution(fit.mean.to(self._dtype(fit)), self._precisions())
 
     def sample(self, n_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Weight samples from the posterior, ``(n_samples, P)``.
@@ -207,14 +216,15 @@ class FittedPosterior:
         """
         fit = self._fitted()
         blocks = self._precisions()
+        dtype = self._dtype(fit)
         z = torch.randn(
             (checks.integer(n_samples, "n_samples"), fit.mean.numel()),
-            dtype=fit.mean.dtype,
+            dtype=dtype,
             device=fit.mean.device,
             generator=generator,
         )
         parts = z.split([block.numel for block in blocks], dim=1)
-        return fit.mean + torch.cat(
+        return fit.mean.to(dtype) + torch.cat(
             [block.sample(part) for block, part in zip(blocks, parts, strict=True)], dim=1
         )
 
@@ -279,11 +289,15 @@ class FittedPosterior:
             )
         with eval_mode(self.model):
             weights = self.sample(n_samples, generator=generator)
-            outputs = sampled_outputs(
+            raw = sampled_outputs(
                 self.model, self.config.io, fit.selection.params, weights, x, chunk_size=chunk_size
             )
-        return self.config.likelihood.sampled_predictive(
-            outputs.to(fit.mean.dtype), noise=self._hyper.sigma_noise, joint_outputs=joint_outputs
+        likelihood = self.config.likelihood
+        outputs = torch.stack([likelihood.outputs(sample) for sample in raw])
+        return likelihood.sampled_predictive(
+            outputs.to(self._dtype(fit)),
+            noise=self._hyper.sigma_noise,
+            joint_outputs=joint_outputs,
         )
 
     def __call__(self, x: object, **options: Any) -> Prediction:
@@ -313,6 +327,7 @@ class FittedPosterior:
         x = check_inputs(x, fit, self.config.io)
         deltas = self.sample(n_samples, generator=generator) - fit.mean
         with eval_mode(self.model):
-            return linearised_samples(
+            raw = linearised_samples(
                 self.model, self.config.io, fit.selection.names, deltas, x, chunk_size=chunk_size
             )
+        return torch.stack([self.config.likelihood.outputs(sample) for sample in raw])

@@ -54,7 +54,7 @@ def make_engine(
             block, a curvature kind it cannot use).
     """
     config.structure.check(selection.n_params, config.kind, config.max_full_params)
-    dtype = config.accumulate_dtype or selection.params[0].dtype
+    dtype = config.accumulate_dtype or statistics_dtype(selection.params[0].dtype)
     return CurvatureEngine(
         model,
         selection,
@@ -65,6 +65,12 @@ def make_engine(
         fisher_samples=config.fisher_samples,
         dtype=dtype,
     )
+
+
+def statistics_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are formed and summed in by default: the parameters', but at
+    least float32 (half-precision models accumulate in float32)."""
+    return param_dtype if torch.finfo(param_dtype).bits >= 32 else torch.float32
 
 
 def _length(loader: Iterable[Any]) -> int | None:
@@ -82,7 +88,7 @@ class _Sums:
     last_layer: str | None
     curvature: BlockDiagonal
     loss_stats: Tensor
-    n_data: int
+    n_data: int | Tensor
     input_shape: tuple[int, ...] | None
 
 
@@ -134,6 +140,7 @@ def _first_pass(
             "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
         )
     raise_on_flags(torch.stack(flags), config.likelihood.expected_targets)
+    sums.n_data = int(sums.n_data)  # token counts sum on the device: one sync, here
     return sums
 
 
@@ -198,7 +205,7 @@ def fit_curvature(
             elif isinstance(outcome, Exception):
                 raise outcome
             else:
-                sums, n_data = outcome, outcome.n_data
+                sums, n_data = outcome, int(outcome.n_data)
             if not sums.curvature.end_pass():
                 break
     if sums is None:
@@ -246,7 +253,7 @@ def _reduce(
     all-reduce the pass's statistics; returns the sums and the total number of data."""
     failed = isinstance(outcome, Exception)
     n_failed, total = distributed.exchange_status(
-        failed, 0 if isinstance(outcome, Exception) else outcome.n_data, device, group
+        failed, 0 if isinstance(outcome, Exception) else int(outcome.n_data), device, group
     )
     if isinstance(outcome, Exception):
         raise outcome

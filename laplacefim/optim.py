@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from laplacefim import checks, distributed
 from laplacefim.config import CurvatureConfig
 from laplacefim.fitting import eval_mode, make_engine, model_device
+from laplacefim.inputs import ModelIO
 from laplacefim.likelihoods import LikelihoodModel, make_likelihood
 from laplacefim.options import CurvatureKind, parse_option
 from laplacefim.structures import (
@@ -99,6 +100,8 @@ class NaturalGradient:
             for non-finite gradients.
         sigma_noise: Regression noise.
         fisher_samples: Labels drawn per datum for ``curvature="fisher"``.
+        io: How the model is called on ``x`` (keyword inputs, picking the output), as for
+            :class:`~laplacefim.Laplace`.
         group: With ``torch.distributed`` initialised, each batch's statistics are summed
             over the ranks of this group (the default group if None) before averaging.
 
@@ -133,6 +136,7 @@ class NaturalGradient:
         sigma_noise: float = 1.0,
         fisher_samples: int = 1,
         group: distributed.Group = None,
+        io: ModelIO | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -154,6 +158,7 @@ class NaturalGradient:
             parse_option(curvature, CurvatureKind, "curvature"),
             validate_subset(subset),
             checks.integer(fisher_samples, "fisher_samples"),
+            io=io or ModelIO(),
         )
         if not self.config.structure.single_pass:
             raise ValueError(
@@ -265,7 +270,7 @@ class NaturalGradient:
             batch = self.statistics.zeros_like()
         batch.add_(batch.statistics(rows.segments))
         _, n_data = distributed.exchange_status(
-            False, rows.n_data, batch.state()[0].device, self.group
+            False, int(rows.n_data), batch.state()[0].device, self.group
         )
         distributed.all_reduce_(batch.state(), self.group)
         finite = torch.stack([torch.isfinite(t).all() for t in batch.state()]).all()

@@ -6,6 +6,7 @@ which ``Laplace`` and the tuning, persistence and fine-tuning functions are buil
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,28 @@ def precisions(
             "for example la.prior_precision = 1.0 or la.tune_prior()."
         )
     return blocks
+
+
+def warn_rounding(fit: FitState, prior: Tensor) -> None:
+    """Warn when a prior is within a thousand roundings of a float32 curvature's scale.
+
+    Small eigenvalues of a curvature summed in float32 are uncertain by about
+    ``eps·λmax``; where the prior is of that order, ``log(λ + δ)`` and the evidence depend
+    on rounding (on a 131-parameter full fit at prior 1e-3, by 0.3 nats). The remedy is to
+    accumulate in float64 (a float64 decomposition of the float32 sums does not help).
+    """
+    dtype = fit.curvature.state()[0].dtype
+    if dtype != torch.float32:
+        return
+    scale = float(fit.curvature.diagonal().abs().max())
+    if float(prior.min()) < 1e3 * torch.finfo(dtype).eps * scale:
+        warnings.warn(
+            f"the prior precision {float(prior.min()):.3g} is within a thousand roundings of "
+            f"the float32 curvature's scale ({scale:.3g}): the evidence depends on rounding "
+            "in the curvature's small eigenvalues. Fit with accumulate_dtype=torch.float64.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,9 @@ def mc_logits(
 
 
 def sample_moments(samples: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``(B, C)`` and unbiased covariance ``(B, C, C)`` of output samples ``(S, B, C)``."""
+    """Mean ``(B, ..., C)`` and unbiased covariance ``(B, ..., C, C)`` of output samples
+    ``(S, B, ..., C)``."""
     mean = samples.mean(0)
     centred = samples - mean
-    cov = torch.einsum("sbc,sbd->bcd", centred, centred) / max(samples.shape[0] - 1, 1)
+    cov = torch.einsum("s...c,s...d->...cd", centred, centred) / max(samples.shape[0] - 1, 1)
     return mean, cov

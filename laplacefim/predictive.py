@@ -98,7 +98,7 @@ def glm_moments(
     means, covs = [], []
     for chunk in split_rows(x, chunk_size):
         rows = engine.jacobian_rows(chunk, batch_size(chunk))
-        n_out = rows.outputs.shape[1]
+        n_out = rows.outputs[0].numel()
         cov = rows.outputs.new_zeros(rows.outputs.shape[0], n_out, n_out, dtype=engine.dtype)
         for block, precision in zip(curvature.blocks, precisions, strict=True):
             segments = block.covered(rows.segments)
@@ -119,7 +119,7 @@ def linearised_samples(
     chunk_size: int,
     sample_chunk: int = 128,
 ) -> Tensor:
-    """Function samples ``f(x) + J(x) δₛ`` of the linearised model, ``(S, B, C)``.
+    """Function samples ``f(x) + J(x) δₛ`` of the linearised model, ``(S, B, ...)``.
 
     Every input of a sample shares the same weight draw ``δₛ``, so the samples carry the
     posterior's correlations across inputs. ``J δ`` is a forward-mode product (``jvp``);
@@ -147,8 +147,7 @@ def linearised_samples(
         for part in deltas.split(sample_chunk):
             value, tangent = torch.func.vmap(one)(part)
             rows.append(value + tangent)
-        samples = torch.cat(rows)
-        out.append(samples.reshape(samples.shape[0], samples.shape[1], -1))
+        out.append(torch.cat(rows))
     return torch.cat(out, dim=1)
 
 
@@ -161,7 +160,7 @@ def sampled_outputs(
     *,
     chunk_size: int,
 ) -> Tensor:
-    """Outputs ``(S, B, C)`` of the model with the chosen parameters set to each sample."""
+    """Outputs ``(S, B, ...)`` of the model with the chosen parameters set to each sample."""
     saved = [p.detach().clone() for p in params]
     outputs = []
     chunks = split_rows(x, chunk_size)
@@ -170,8 +169,7 @@ def sampled_outputs(
             for weight in weights:
                 for p, part in zip(params, weight.split([p.numel() for p in params]), strict=True):
                     p.copy_(part.view_as(p))
-                out = torch.cat([io.call(model, chunk) for chunk in chunks])
-                outputs.append(out.reshape(out.shape[0], -1))
+                outputs.append(torch.cat([io.call(model, chunk) for chunk in chunks]))
     finally:
         with torch.no_grad():
             for p, value in zip(params, saved, strict=True):

@@ -59,7 +59,7 @@ class BatchRows:
             whose modules did not run in the batch is absent.
         outputs: Detached model outputs ``(B, C)``.
         loss_stats: The likelihood's summable loss statistic (None for Jacobian rows).
-        n_data: Number of data in the batch.
+        n_data: Number of data in the batch (a 0-d tensor for token-level targets).
         bad_outputs: 0-d bool tensor, True if an output was NaN or infinite.
         bad_targets: 0-d bool tensor, True if a target value was out of range.
     """
@@ -67,7 +67,7 @@ class BatchRows:
     segments: dict[str, list[Segment]]
     outputs: Tensor
     loss_stats: Tensor | None = None
-    n_data: int = 0
+    n_data: int | Tensor = 0
     bad_outputs: Tensor | None = None
     bad_targets: Tensor | None = None
 
@@ -175,13 +175,15 @@ class CurvatureEngine:
             fisher_samples=self.fisher_samples,
             generator=generator,
         )
+        if targets.weight is not None:  # ignored tokens carry no datum
+            cols = cols * targets.weight[None, ..., None]
         self.backward(f, cols, calls)
         loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
         return BatchRows(
             self.segments(calls),
             f2,
             loss_stats,
-            f2.shape[0],
+            targets.count,
             ~torch.isfinite(f2).all(),
             targets.invalid,
         )
@@ -193,9 +195,10 @@ class CurvatureEngine:
         ``(B, C, P)`` matrix.
         """
         f, f2, calls = self.forward(x, batch)
-        n_out = f2.shape[1]
+        n_out = f2[0].numel()
         eye = torch.eye(n_out, dtype=f2.dtype, device=f2.device)
-        self.backward(f, eye[:, None, :].expand(n_out, f2.shape[0], n_out), calls)
+        columns = eye[:, None, :].expand(n_out, f2.shape[0], n_out)
+        self.backward(f, columns.reshape(n_out, *f2.shape), calls)
         return BatchRows(self.segments(calls), f2)
 
     def forward(self, x: object, batch: int) -> tuple[Tensor, Tensor, dict[str, list[Call]]]:
@@ -209,7 +212,7 @@ class CurvatureEngine:
             self.modules, track_grad=not self._fast, batch=batch, broadcast=self.broadcast
         ) as recording:
             f = self.io.call(self.model, x)
-        f2 = self.likelihood.outputs(f.detach())
+        f2 = self.likelihood.outputs(f.detach().to(self.dtype))
         calls = recording.calls
         if self._fast is None:
             only = [c for cs in calls.values() for c in cs]
@@ -219,7 +222,7 @@ class CurvatureEngine:
     def backward(self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]]) -> None:
         """Fill each call's ``grads``: the columns' gradients w.r.t. its outputs."""
         n_columns = cols.shape[0]
-        grad_outputs = cols.reshape(n_columns, *f.shape)
+        grad_outputs = cols.reshape(n_columns, *f.shape).to(f.dtype)
         if (
             self._fast
         ):  # the watched call produced the model's output: its gradients are the columns
@@ -258,7 +261,8 @@ class CurvatureEngine:
             try:
                 by_module[name] = self.rules[name].rows(module, calls[name], self.wanted[name])
             except (ValueError, TypeError) as error:
-                raise type(error)(f"module {name!r}: {error}") from error
+                params = [s.name for s in self.slots if any(u.module == name for u in s.uses)]
+                raise type(error)(f"module {name!r} (parameters {params}): {error}") from error
         out: dict[str, list[Segment]] = {}
         memo: dict[int, Tensor] = {}
         for slot in self.slots:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from laplacefim.geometry.operator import CurvatureOperator
+from laplacefim.inputs import ModelIO
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.subsets import SubsetSpec
 
@@ -43,6 +44,7 @@ def fisher_distance(
     *,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> Tensor:
     """The squared Fisher distance ``(θ₁ − θ₂)ᵀ F(θ₁) (θ₁ − θ₂)``, summed over the data.
 
@@ -57,6 +59,8 @@ def fisher_distance(
         theta2: Flat parameters ``(P,)``.
         sigma_noise: Regression noise.
         subset: Which parameters the vectors cover.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         0-d tensor.
@@ -64,7 +68,7 @@ def fisher_distance(
     Example:
         >>> d2 = fisher_distance(model, loader, "classification", theta, theta + 1e-3 * v)
     """
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     theta1 = op.check_vector(theta1, "theta1")
     return fisher_quadratic(op, theta1, theta1 - op.check_vector(theta2, "theta2"))
 
@@ -88,6 +92,7 @@ def predictive_kl(
     *,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> Tensor:
     """``Σₙ KL(p(y|xₙ,θ₁) ‖ p(y|xₙ,θ₂))``, exact: categorical, Gaussian (the likelihood's
     noise) or Bernoulli.
@@ -100,6 +105,8 @@ def predictive_kl(
         theta2: Flat parameters ``(P,)``.
         sigma_noise: Regression noise.
         subset: Which parameters the vectors cover.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         0-d tensor, ``>= 0``.
@@ -107,5 +114,5 @@ def predictive_kl(
     Example:
         >>> kl = predictive_kl(model, loader, "classification", theta, theta + delta)
     """
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     return kl_between(op, op.check_vector(theta1, "theta1"), theta2)

@@ -291,6 +291,7 @@ def ggn_vector_product(
     *,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> Tensor:
     """GGN (= Fisher) of the summed NLL times ``v``, matrix-free: ``Σₙ Jₙᵀ Λₙ Jₙ v``.
 
@@ -305,6 +306,8 @@ def ggn_vector_product(
         v: A flat vector ``(P,)`` or rows ``(m, P)``, in ``named_parameters()`` order.
         sigma_noise: Regression noise.
         subset: Which parameters (as in :class:`~laplacefim.Laplace`).
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         ``G v`` of ``v``'s shape.
@@ -312,7 +315,7 @@ def ggn_vector_product(
     Example:
         >>> gv = ggn_vector_product(model, loader, "classification", torch.ones(P))
     """
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     return op.ggn(v)
 
 
@@ -324,6 +327,7 @@ def hessian_vector_product(
     *,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> Tensor:
     """Hessian of the summed NLL times ``v`` (forward-over-reverse, ``torch.func``).
 
@@ -334,6 +338,8 @@ def hessian_vector_product(
         v: A flat vector ``(P,)`` or rows ``(m, P)``, in ``named_parameters()`` order.
         sigma_noise: Regression noise.
         subset: Which parameters.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         ``H v`` of ``v``'s shape.
@@ -341,5 +347,5 @@ def hessian_vector_product(
     Example:
         >>> hv = hessian_vector_product(model, loader, "regression", v, sigma_noise=0.1)
     """
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     return op.hessian(v)

@@ -14,6 +14,7 @@ from laplacefim.fitting import eval_mode
 from laplacefim.geometry.distance import kl_between
 from laplacefim.geometry.operator import CurvatureOperator
 from laplacefim.geometry.trace import ggn_diagonal
+from laplacefim.inputs import ModelIO
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.linalg import Eigen, Which, block_krylov_eigen
 from laplacefim.subsets import SubsetSpec
@@ -85,6 +86,7 @@ def layer_sensitivity(
     generator: torch.Generator | None = None,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> LayerSensitivity:
     """Per-layer share of the GGN trace, the top sensitive directions, per-input scores.
 
@@ -100,6 +102,8 @@ def layer_sensitivity(
         generator: CPU generator for the eigen-solver's start.
         sigma_noise: Regression noise.
         subset: Which parameters.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         A :class:`LayerSensitivity`. Group ``layer_traces`` by module by summing the
@@ -109,7 +113,7 @@ def layer_sensitivity(
         >>> s = layer_sensitivity(model, loader, "classification", k=3)
         >>> dict(zip(s.names, s.layer_shares.tolist()))
     """
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     diagonal = ggn_diagonal(op)
     sizes = [p.numel() for p in op.selection.params]
     layer = torch.stack([part.sum() for part in diagonal.split(sizes)])

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from laplacefim import checks
 from laplacefim.geometry.operator import CurvatureOperator, Matrix
+from laplacefim.inputs import ModelIO
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.linalg import Eigen, Which, block_krylov_eigen
 from laplacefim.options import parse_option
@@ -43,6 +44,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> Eigen:
     """The ``k`` largest (or smallest) eigenpairs of the GGN or the Hessian, matrix-free.
 
@@ -64,6 +66,8 @@ def top_eigenvalues(
         generator: CPU generator for the random start.
         sigma_noise: Regression noise.
         subset: Which parameters.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         An :class:`Eigen` with eigenvalues ``(k,)`` and eigenvectors ``(k, P)``.
@@ -79,7 +83,7 @@ def top_eigenvalues(
     which = parse_option(which, Which, "which")
     k = checks.integer(k, "k")
     max_iter = checks.integer(max_iter, "max_iter")
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     if k > op.n_params:
         raise ValueError(f"k={k} exceeds the number of parameters P={op.n_params}.")
     if not tol > 0:
@@ -182,6 +186,7 @@ def spectral_density(
     generator: torch.Generator | None = None,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density by stochastic Lanczos quadrature with Gaussian smoothing.
 
@@ -201,6 +206,8 @@ def spectral_density(
         generator: CPU generator for the probes.
         sigma_noise: Regression noise.
         subset: Which parameters.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         A :class:`SpectralDensity`.
@@ -212,7 +219,7 @@ def spectral_density(
     matrix = parse_option(matrix, Matrix, "matrix")
     n_probes = checks.integer(n_probes, "n_probes")
     n_steps = checks.integer(n_steps, "n_steps")
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     n_steps = min(n_steps, op.n_params)
     nodes = torch.zeros(n_probes, n_steps, dtype=torch.float64)
     weights = torch.zeros(n_probes, n_steps, dtype=torch.float64)

@@ -14,6 +14,7 @@ from laplacefim import checks
 from laplacefim.curvature import CurvatureEngine
 from laplacefim.fitting import eval_mode
 from laplacefim.geometry.operator import CurvatureOperator, Matrix
+from laplacefim.inputs import ModelIO
 from laplacefim.layout import Layout
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.options import CurvatureKind, parse_option
@@ -108,6 +109,7 @@ def trace(
     generator: torch.Generator | None = None,
     sigma_noise: float | Tensor = 1.0,
     subset: SubsetSpec = "all",
+    io: ModelIO | None = None,
 ) -> TraceEstimate:
     """The trace of the GGN or the Hessian of the summed NLL.
 
@@ -125,6 +127,8 @@ def trace(
         generator: CPU generator for the probes.
         sigma_noise: Regression noise.
         subset: Which parameters.
+        io: How batches are split and the model is called (mapping batches), as for
+            :class:`~laplacefim.Laplace`.
 
     Returns:
         A :class:`TraceEstimate`.
@@ -138,7 +142,7 @@ def trace(
         >>> t.estimate, t.standard_error
     """
     matrix = parse_option(matrix, Matrix, "matrix")
-    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset)
+    op = CurvatureOperator(model, loader, likelihood, sigma_noise=sigma_noise, subset=subset, io=io)
     if n_probes is not None:
         return hutchinson(op, matrix, checks.integer(n_probes, "n_probes"), generator)
     zero = torch.zeros((), dtype=op.dtype, device=op.device)

@@ -34,10 +34,16 @@ class Targets:
         values: The targets in the likelihood's working form.
         invalid: A 0-d boolean tensor, True when some target value is out of range; kept on
             the device so that checking it needs no host synchronisation inside the loop.
+        count: Number of data the batch holds (its rows, or a 0-d tensor of the tokens that
+            are not ignored for token-level targets).
+        weight: Where some outputs carry no datum (ignored tokens), a 0/1 weight of the
+            outputs' shape without the last dimension, applied to the curvature's columns.
     """
 
     values: Tensor
     invalid: Tensor
+    count: int | Tensor
+    weight: Tensor | None = None
 
 
 class LikelihoodModel(Protocol):
@@ -169,4 +175,4 @@ def floating_targets(f: Tensor, y: Tensor, n_columns: int, name: str) -> Targets
             f"{name} expects targets of shape (B, K) = ({f.shape[0]}, {n_columns}), "
             f"got {tuple(y.shape)}."
         )
-    return Targets(y.to(f.dtype), ~torch.isfinite(y).all())
+    return Targets(y.to(f.dtype), ~torch.isfinite(y).all(), f.shape[0])

@@ -43,7 +43,7 @@ class Binary(NoNoise):
                 f"got {tuple(y.shape)}."
             )
         y = y.to(f.dtype)
-        return Targets(y, ((y != 0) & (y != 1)).any())
+        return Targets(y, ((y != 0) & (y != 1)).any(), f.shape[0])
 
     def loss_stats(self, f: Tensor, y: Tensor) -> Tensor:
         """The summed binary cross-entropy, 0-d."""
@@ -92,7 +92,12 @@ class Binary(NoNoise):
                 "link='bridge' needs several classes; use link='probit' or 'mc' with "
                 "likelihood='binary'."
             )
-        return Prediction(probs=probs, logit_mean=mean[:, 0], logit_var=var[:, 0])
+        return Prediction(
+            probs=probs,
+            logit_mean=mean[:, 0],
+            logit_var=var[:, 0],
+            logit_cov=cov if joint_outputs else None,
+        )
 
     def sampled_predictive(
         self, samples: Tensor, *, noise: Tensor, joint_outputs: bool
@@ -103,6 +108,7 @@ class Binary(NoNoise):
             probs=samples[..., 0].sigmoid().mean(0),
             logit_mean=mean[:, 0],
             logit_var=cov.diagonal(dim1=-2, dim2=-1)[:, 0],
+            logit_cov=cov if joint_outputs else None,
         )
 
     def predictive_nll(self, prediction: Prediction, y: Tensor) -> Tensor:

@@ -123,10 +123,12 @@ class Heteroscedastic(NoNoise):
         return eye[:, None, :] * weights.T[:, :, None]
 
     def _gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        """The NLL's gradient w.r.t. the outputs at targets ``y (..., B, K)``."""
         mu, raw = self._split(f)
         sigma = self._sigma(raw)
         z = (y - mu) / sigma
-        return torch.cat([-z / sigma, (1 - z.square()) * self._scale_derivative(raw, sigma)], 1)
+        scale = self._scale_derivative(raw, sigma).expand_as(z)
+        return torch.cat([-z / sigma, (1 - z.square()) * scale], -1)
 
     def sampled_gradients(
         self, f: Tensor, noise: Tensor, n_samples: int, generator: torch.Generator | None
@@ -137,8 +139,7 @@ class Heteroscedastic(NoNoise):
         eps = torch.randn(
             (n_samples, *mu.shape), dtype=f.dtype, device=f.device, generator=generator
         )
-        grads = [self._gradient(f, mu + sigma * e) for e in eps]
-        return torch.stack(grads) / math.sqrt(n_samples)
+        return self._gradient(f, mu + sigma * eps) / math.sqrt(n_samples)
 
     def gradient(self, f: Tensor, y: Tensor, noise: Tensor) -> Tensor:
         """Loss gradient at the true targets; ``(1, B, 2K)``."""

@@ -187,9 +187,16 @@ def _robust_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     double = matrix.to(torch.float64)
     try:
         values, vectors = torch.linalg.eigh(double)
-        return values.to(matrix.dtype), vectors.to(matrix.dtype)
     except torch.linalg.LinAlgError:
         pass
+    else:
+        warnings.warn(
+            f"eigh did not converge on a {matrix.shape[0]}x{matrix.shape[0]} curvature factor "
+            f"in {matrix.dtype}; it converged in float64 (no jitter added).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
     scale = float(double.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny))
     eye = torch.eye(matrix.shape[0], dtype=torch.float64, device=matrix.device)
     for relative in (1e-12, 1e-10, 1e-8, 1e-6):

@@ -149,8 +149,8 @@ def _one_call(module: nn.MultiheadAttention, call: Call) -> dict[str, list[Produ
             keys, values = torch.cat([k, bias_k], 1), torch.cat([v, bias_v], 1)
         context, out, weights = attention.forward(q, keys, values)
         tolerance = 1e-4 if out.dtype == torch.float64 else 5e-2
-        scale = float(recorded.abs().max().clamp_min(1e-30))
-        if float((out.detach() - recorded).abs().max()) > tolerance * scale:
+        scale = float(recorded.detach().abs().max().clamp_min(1e-30))
+        if float((out.detach() - recorded.detach()).abs().max()) > tolerance * scale:
             raise ValueError(
                 "the attention rule does not reproduce this MultiheadAttention call (an option "
                 "it does not cover); leave the module's parameters out of the subset."
