@@ -4,7 +4,8 @@ Each weight used as ``Σ_t g_t a_tᵀ`` (Linear, Conv2d, attention projections, 
 weights) gets ``(G ⊗ A) / count`` with ``G = Σ g gᵀ``, ``A = Σ a aᵀ`` over rows; a bias
 gets ``G`` (the same form with ``A = count``); an embedding ``(diag(token counts) ⊗ G) /
 count``. A parameter with no Kronecker form (norm scales, custom layers, tied weights)
-gets its exact diagonal, so every model works with every structure.
+gets its exact diagonal, so every parameter the engine accounts for works with every
+structure.
 """
 
 from __future__ import annotations
