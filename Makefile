@@ -11,9 +11,17 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The curvature peers used as test oracles are pinned here and installed without their
+# declared dependencies: backpack declares torchvision, which would replace the torch
+# installed first with another (CUDA) build. Their real run-time dependencies are in the
+# `test` extra. Everything after torch is constrained to the torch installed first.
+ORACLES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,plot,dev]"
+	$(BIN)/pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,plot,dev]"
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt --no-deps $(ORACLES)
 	touch $@
 
 demo: $(VENV)/.installed

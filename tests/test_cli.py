@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from laplacefim.cli import main
-from laplacefim.evaluation import format_report
+from laplacefim.report import format_report
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

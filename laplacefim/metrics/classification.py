@@ -15,8 +15,6 @@ bin is closed, ``[0, edges[1]]``. A confidence equal to an edge falls into the l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -33,10 +31,16 @@ from laplacefim.metrics._base import (
     probabilities,
     zeros,
 )
-
-# Sub-bins of the fine histogram from which streaming accumulators form adaptive
-# (equal-mass) bins; the grouping is exact up to one sub-bin (width 1/2048) per bin edge.
-N_SUB_BINS = 2048
+from laplacefim.metrics.binning import (
+    N_SUB_BINS,
+    ReliabilityDiagram,
+    bin_edges,
+    bin_sums,
+    binned_error,
+    exact_adaptive,
+    group_sub_bins,
+    to_diagram,
+)
 
 
 def _inputs(metric: SumState | None, probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
@@ -60,109 +64,6 @@ def _rows(p: Tensor, y: Tensor, *, classwise: bool, target: int | None) -> tuple
         return p[:, target][None], (y == target).to(p.dtype)[None]
     conf, pred = p.max(dim=1)  # ties go to the lowest class index
     return conf[None], (pred == y).to(p.dtype)[None]
-
-
-def _edges(n: int, device: torch.device) -> Tensor:
-    """Equal-width edges ``j / n`` (each correctly rounded to float64), ``(n + 1,)``."""
-    return torch.arange(n + 1, dtype=torch.float64, device=device) / n
-
-
-def _scatter(group: Tensor, n: int, values: list[Tensor]) -> list[Tensor]:
-    """Sum each ``(K, M)`` value into ``n`` bins per row by ``group`` ``(K, M)``."""
-    return [v.new_zeros(v.shape[0], n).scatter_add_(1, group, v) for v in values]
-
-
-def _histogram(conf: Tensor, hit: Tensor, n: int) -> list[Tensor]:
-    """Per-bin sums of confidences, hits and counts ``(K, n)`` over equal-width bins."""
-    conf = conf.contiguous()
-    group = torch.bucketize(conf, _edges(n, conf.device)[1:-1])  # (lo, hi], first [0, hi]
-    return _scatter(group, n, [conf, hit, torch.ones_like(conf)])
-
-
-def _upper_edges(group: Tensor, top: Tensor, n: int) -> Tensor:
-    """Bin edges ``(K, n + 1)``: 0, the running max of each bin's ``top`` values, then 1."""
-    upper = top.new_zeros(top.shape[0], n).scatter_reduce_(1, group, top, "amax")
-    upper = upper.cummax(dim=1).values
-    ends = top.new_zeros(top.shape[0], 1)
-    return torch.cat([ends, upper[:, :-1], ends + 1], dim=1)
-
-
-def _group_sub_bins(fine: list[Tensor], n: int) -> tuple[list[Tensor], Tensor]:
-    """Equal-mass bins from a fine histogram; a sub-bin joins the bin holding its mid-mass.
-
-    Sub-bin ``k`` (count ``c_k``, cumulative count ``m_k``) goes to bin
-    ``⌊(m_k − c_k / 2) · n / N⌋``, which is where ``_exact_adaptive`` puts a single sample.
-    """
-    count = fine[2]
-    total = count.sum(1, keepdim=True).clamp_min(1)
-    mid2 = 2 * count.cumsum(1) - count  # twice the mid-mass: integers, exact in float64
-    group = torch.div(mid2 * n, 2 * total, rounding_mode="floor").clamp(0, n - 1).long()
-    fine_upper = _edges(count.shape[1], count.device)[1:].expand_as(count)
-    top = torch.where(count > 0, fine_upper, torch.zeros_like(count))
-    return _scatter(group, n, fine), _upper_edges(group, top, n)
-
-
-def _exact_adaptive(conf: Tensor, hit: Tensor, n: int) -> tuple[list[Tensor], Tensor]:
-    """Equal-mass bins from all samples: the sample of rank ``r`` (1-based, ascending by
-    confidence, ties by hit so the result is order-free) goes to bin ``⌊(r − ½) · n / B⌋``."""
-    by_hit = hit.sort(dim=1, stable=True).indices
-    conf, hit = conf.gather(1, by_hit), hit.gather(1, by_hit)
-    by_conf = conf.sort(dim=1, stable=True).indices
-    conf, hit = conf.gather(1, by_conf), hit.gather(1, by_conf)
-    size = conf.shape[1]
-    rank = torch.arange(1, size + 1, device=conf.device)
-    group = torch.div((2 * rank - 1) * n, 2 * max(size, 1), rounding_mode="floor")
-    group = group.expand_as(conf).contiguous()
-    return _scatter(group, n, [conf, hit, torch.ones_like(conf)]), _upper_edges(group, conf, n)
-
-
-def _error(binned: list[Tensor], norm: Norm) -> float:
-    """Calibration error from per-bin sums ``(K, n)``, averaged over the ``K`` rows."""
-    conf_sum, hit_sum, count = binned
-    total = count.sum(1)
-    if bool((total == 0).any()):
-        raise ValueError("calibration error: no samples have been seen.")
-    gap = (hit_sum - conf_sum).abs() / count.clamp_min(1)  # 0 in empty bins
-    if norm is Norm.L1:
-        per_row = (count * gap).sum(1) / total
-    elif norm is Norm.L2:
-        per_row = ((count * gap.square()).sum(1) / total).sqrt()
-    else:
-        per_row = gap.amax(1)
-    return float(per_row.mean())
-
-
-@dataclass(frozen=True)
-class ReliabilityDiagram:
-    """Per-bin statistics of a reliability diagram.
-
-    Attributes:
-        edges: Bin edges ``(n_bins + 1,)``; bin ``j`` is ``(edges[j], edges[j + 1]]``. For
-            adaptive bins, ``edges[j + 1]`` is the largest confidence in bin ``j`` (one-shot)
-            or the upper edge of its last non-empty sub-bin (streaming); empty bins repeat
-            the previous edge.
-        confidence: Mean confidence per bin ``(n_bins,)``; NaN for empty bins.
-        accuracy: Fraction of hits per bin ``(n_bins,)``; NaN for empty bins.
-        count: Number of samples per bin ``(n_bins,)``.
-    """
-
-    edges: Tensor
-    confidence: Tensor
-    accuracy: Tensor
-    count: Tensor
-
-
-def _diagram(binned: list[Tensor], edges: Tensor) -> ReliabilityDiagram:
-    conf_sum, hit_sum, count = (t[0] for t in binned)
-    if count.sum() == 0:
-        raise ValueError("reliability: no samples have been seen.")
-    nan = torch.full_like(count, float("nan"))
-    return ReliabilityDiagram(
-        edges=edges[0].clone(),
-        confidence=torch.where(count > 0, conf_sum / count.clamp_min(1), nan),
-        accuracy=torch.where(count > 0, hit_sum / count.clamp_min(1), nan),
-        count=count.clone(),
-    )
 
 
 class Accuracy(SumState):
@@ -294,14 +195,14 @@ class ECE(SumState):
                 f"with {p.shape[1]}."
             )
         conf, hit = _rows(p, y, classwise=self.classwise, target=None)
-        self._add(_histogram(conf, hit, self.n_sub_bins if self.adaptive else self.n_bins))
+        self._add(bin_sums(conf, hit, self.n_sub_bins if self.adaptive else self.n_bins))
 
     def compute(self) -> float:
         """The calibration error so far, in ``[0, 1]``."""
         binned = self._sums()
         if self.adaptive:
-            binned = _group_sub_bins(binned, self.n_bins)[0]
-        return _error(binned, self.norm)
+            binned = group_sub_bins(binned, self.n_bins)[0]
+        return binned_error(binned, self.norm)
 
 
 class Reliability(SumState):
@@ -341,16 +242,16 @@ class Reliability(SumState):
         """Add a batch: ``probs`` ``(B, C)`` or ``(B,)``, ``labels`` ``(B,)``."""
         p, y = _inputs(self, probs, labels)
         conf, hit = _rows(p, y, classwise=False, target=self.class_index)
-        self._add(_histogram(conf, hit, self.n_sub_bins if self.adaptive else self.n_bins))
+        self._add(bin_sums(conf, hit, self.n_sub_bins if self.adaptive else self.n_bins))
 
     def compute(self) -> ReliabilityDiagram:
         """The diagram so far."""
         binned = self._sums()
         if self.adaptive:
-            binned, edges = _group_sub_bins(binned, self.n_bins)
+            binned, edges = group_sub_bins(binned, self.n_bins)
         else:
-            edges = _edges(self.n_bins, binned[0].device)[None]
-        return _diagram(binned, edges)
+            edges = bin_edges(self.n_bins, binned[0].device)[None]
+        return to_diagram(binned, edges)
 
 
 def accuracy(probs: ArrayLike, labels: ArrayLike) -> float:
@@ -445,7 +346,7 @@ def ece(
         return metric.compute()
     p, y = _inputs(None, probs, labels)
     conf, hit = _rows(p, y, classwise=classwise, target=None)
-    return _error(_exact_adaptive(conf, hit, metric.n_bins)[0], metric.norm)
+    return binned_error(exact_adaptive(conf, hit, metric.n_bins)[0], metric.norm)
 
 
 def mce(
@@ -490,4 +391,4 @@ def reliability(
         return metric.compute()
     p, y = _inputs(None, probs, labels)
     conf, hit = _rows(p, y, classwise=False, target=metric.class_index)
-    return _diagram(*_exact_adaptive(conf, hit, metric.n_bins))
+    return to_diagram(*exact_adaptive(conf, hit, metric.n_bins))
