@@ -49,7 +49,7 @@ Fit = Callable[[], object]
 Prepare = Callable[[], Fit]
 
 SUBSETS = ("all", "last_layer")
-STRUCTURES = ("diag", "kron", "full")
+STRUCTURES = ("diag", "kron", "ekfac", "full")
 CURVATURES = ("ggn", "fisher", "empirical_fisher")
 LIBS = ("ours", "laplace", "curvlinops", "backpack", "asdl")
 
@@ -113,6 +113,8 @@ def variants(lib: str, cfg: Config, quick: bool = False) -> list[str]:
     """The variants of ``lib`` that compute ``cfg`` (empty: not supported)."""
     if lib == "ours":
         return ["Laplace"]
+    if cfg.structure == "ekfac":  # among the peers, only curvlinops has EKFAC
+        return [f"EKFACLinearOperator({_CURVLINOPS_KFAC[cfg.curvature]})"] if lib == "curvlinops" else []
     if lib == "laplace":
         labels = [
             label
@@ -231,8 +233,26 @@ def _prepare_curvlinops(cfg: Config, model: nn.Sequential, loader: DataLoader) -
         op = cls(net, loss_func, params, data, check_deterministic=False, num_data=n_data)
         return op @ torch.eye(op.shape[1])
 
+    def fit_ekfac() -> object:
+        op = curvlinops.EKFACLinearOperator(
+            net,
+            loss_func,
+            params,
+            data,
+            fisher_type=_CURVLINOPS_KFAC[cfg.curvature],
+            mc_samples=1,
+            check_deterministic=False,
+            num_data=n_data,
+            separate_weight_and_bias=True,
+        )
+        op.compute_kronecker_factors()
+        op.compute_eigenvalue_correction()
+        return op
+
     if cfg.structure == "kron":
         return lambda: fit_kron
+    if cfg.structure == "ekfac":
+        return lambda: fit_ekfac
     if cfg.structure == "full":
         return lambda: fit_full
     raise UnsupportedError(f"curvlinops has no exact {cfg.structure}")

@@ -38,6 +38,9 @@ class CurvatureConfig:
         kfac_approx: Kronecker flavour for weights shared over positions.
         max_full_params: Largest ``P`` of a dense block.
         io: How batches are split and the model is called.
+        pass_cache_mb: Structures that pass over the data more than once keep the first
+            pass's per-layer inputs and output gradients, up to this many megabytes, and
+            replay them instead of running the model again (0 turns it off).
     """
 
     likelihood: LikelihoodModel
@@ -49,6 +52,7 @@ class CurvatureConfig:
     kfac_approx: KfacApprox = KfacApprox.EXPAND
     max_full_params: int = MAX_FULL_PARAMS
     io: ModelIO = field(default_factory=ModelIO)
+    pass_cache_mb: float = 256.0
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 from laplacefim import distributed
 from laplacefim.config import CurvatureConfig, FitState
 from laplacefim.curvature import CurvatureEngine
+from laplacefim.curvature.segments.base import footprint
 from laplacefim.inputs import to_device
 from laplacefim.layout import Layout
 from laplacefim.structures import BlockDiagonal, Plan
+from laplacefim.structures.base import SegmentMap
 from laplacefim.subsets import Selection, find_last_linear, select
 
 
@@ -90,6 +92,8 @@ class _Sums:
     loss_stats: Tensor
     n_data: int | Tensor
     input_shape: tuple[int, ...] | None
+    cache: list[SegmentMap] | None = None  # the first pass's segments, to replay
+    cache_bytes: int = 0
 
 
 def _first_pass(
@@ -125,12 +129,14 @@ def _first_pass(
                 curvature = BlockDiagonal(config.structure.build(plan))
                 shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
                 zero = torch.zeros((), dtype=engine.dtype, device=device)
-                sums = _Sums(engine, last, curvature, zero, 0, shape)
+                cache: list[SegmentMap] | None = None if config.structure.single_pass else []
+                sums = _Sums(engine, last, curvature, zero, 0, shape, cache)
             else:
                 rows = sums.engine.batch(x, y, generator)
         except (ValueError, TypeError) as error:
             raise type(error)(f"batch {index}: {error}") from error
         sums.curvature.add_(sums.curvature.statistics(rows.segments))
+        _keep(sums, rows.segments, config.pass_cache_mb)
         loss_stats: Tensor = rows.loss_stats  # type: ignore[assignment]
         sums.loss_stats = loss_stats + sums.loss_stats if sums.n_data else loss_stats
         sums.n_data += rows.n_data
@@ -144,12 +150,27 @@ def _first_pass(
     return sums
 
 
+def _keep(sums: _Sums, segments: SegmentMap, budget_mb: float) -> None:
+    """Keep a first-pass batch's segments for later passes while they fit the budget."""
+    if sums.cache is None:
+        return
+    sums.cache_bytes += footprint(segments)
+    if sums.cache_bytes > budget_mb * 2**20:
+        sums.cache = None  # too big: later passes run the model again
+    else:
+        sums.cache.append(segments)
+
+
 def _next_pass(
     sums: _Sums,
     config: CurvatureConfig,
     bar: Iterable[Any],
     generator: torch.Generator | None,
 ) -> None:
+    if sums.cache is not None:  # replay the first pass's inputs and output gradients
+        for segments in sums.cache:
+            sums.curvature.add_(sums.curvature.statistics(segments))
+        return
     device = model_device(sums.engine.model)
     for index, batch in enumerate(bar):
         x, y = config.io.split(batch, index)
@@ -236,7 +257,10 @@ def _run_pass(
     """One pass over the data; an error is returned (to be raised after the status
     exchange with the other ranks) rather than raised."""
     desc = "laplacefim fit" if sums is None else "laplacefim fit (next pass)"
-    bar = tqdm(loader, total=_length(loader), disable=not progress, desc=desc, unit="batch")
+    replay = sums is not None and sums.cache is not None
+    bar = tqdm(
+        loader, total=_length(loader), disable=not progress or replay, desc=desc, unit="batch"
+    )
     try:
         if sums is None:
             return _first_pass(model, config, noise, bar, generator)

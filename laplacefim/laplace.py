@@ -76,6 +76,9 @@ class Laplace(FittedPosterior):
         output_fn: Picks it with a callable instead.
         weights_check: What happens when the model's weights no longer equal the fitted
             mean: ``"raise"`` (default), ``"warn"`` or ``"off"``.
+        pass_cache_mb: Structures that pass over the data more than once (``"ekfac"``,
+            ``"lowrank"``) keep the first pass's layer inputs and output gradients up to
+            this many megabytes and replay them instead of running the model again.
 
     Raises:
         ValueError: For an option value that is not valid; the message lists valid ones.
@@ -108,6 +111,7 @@ class Laplace(FittedPosterior):
         output_key: str | int | None = None,
         output_fn: Any = None,
         weights_check: str = "raise",
+        pass_cache_mb: float = 256.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -130,6 +134,7 @@ class Laplace(FittedPosterior):
             parse_option(kfac_approx, KfacApprox, "kfac_approx"),
             checks.integer(max_full_params, "max_full_params"),
             ModelIO(x_key, y_key, bool(call_kwargs), output),
+            checks.number(pass_cache_mb, "pass_cache_mb", non_negative=True),
         )
         self.weights_check = weights_check
         self._fit: FitState | None = None

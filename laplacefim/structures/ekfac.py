@@ -9,7 +9,7 @@ block in Frobenius norm, so it is never further from it than KFAC is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,39 @@ from laplacefim.curvature.segments import Segment
 from laplacefim.options import CurvatureKind, KfacApprox
 from laplacefim.structures.base import Block, Plan, SegmentMap
 from laplacefim.structures.eigen import EigenDecomposition, KronBasis
-from laplacefim.structures.kron import KronBlock, kron_blocks
+from laplacefim.structures.kron import KronBlock, factor_eigh, kron_blocks
+
+
+class Shared:
+    """What the EKFAC blocks of one fit share: the eigendecompositions of equal factors (a
+    weight and its bias have the same output factor) and, within a batch, the rotated
+    output gradients (so a layer's gradients are rotated once)."""
+
+    def __init__(self) -> None:
+        self.factors: list[tuple[Tensor, tuple[Tensor, Tensor | None]]] = []
+        self.rotated: dict[tuple[int, int], Tensor] = {}
+        self.batch: int | None = None
+
+    def eigh(self, factor: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:func:`factor_eigh`, once per distinct factor."""
+        for seen, found in self.factors:
+            if seen.shape == factor.shape and torch.equal(seen, factor):
+                return found
+        found = factor_eigh(factor)
+        self.factors.append((factor, found))
+        return found
+
+    def rotate(self, x: Tensor, q: Tensor) -> Tensor:
+        """``x @ q``, once per batch for each pair."""
+        key = (id(x), id(q))
+        if key not in self.rotated:
+            self.rotated[key] = x @ q
+        return self.rotated[key]
+
+    def start_batch(self, segments: SegmentMap) -> None:
+        """Forget the previous batch's products when a new batch comes."""
+        if self.batch != id(segments):
+            self.batch, self.rotated = id(segments), {}
 
 
 @dataclass
@@ -28,11 +60,13 @@ class EKFACBlock:
 
     Attributes:
         kron: The KFAC factors of the first pass (released once the basis is known).
+        shared: Decompositions and rotations shared with the fit's other EKFAC blocks.
         basis: ``Q₁ ⊗ Q₂``, after the first pass.
         values: The eigenvalues in that basis, summed over the second pass.
     """
 
     kron: KronBlock
+    shared: Shared = field(default_factory=Shared, repr=False)
     basis: KronBasis | None = None
     values: Tensor | None = None
     active: bool = True
@@ -54,7 +88,9 @@ class EKFACBlock:
         segment = self.kron.segment(segments)
         if segment is None:
             return [torch.zeros_like(self.values)]
-        return [segment.rotated(self.basis.first, self.basis.second).diag()]
+        self.shared.start_batch(segments)
+        rotated = segment.rotated(self.basis.first, self.basis.second, self.shared.rotate)
+        return [rotated.diag()]
 
     def covered(self, segments: SegmentMap) -> list[Segment] | None:
         """The one segment."""
@@ -69,7 +105,7 @@ class EKFACBlock:
         if self.basis is not None:
             self.active = False
             return
-        _, _, self.basis = self.kron.basis()
+        _, _, self.basis = self.kron.basis(self.shared.eigh)
         self.values = torch.zeros(
             self.kron.numel, dtype=self.kron.first.dtype, device=self.kron.first.device
         )
@@ -126,7 +162,7 @@ class EKFACBlock:
             KfacApprox(spec["approx"]),
             False,
         )
-        return cls(kron, basis, values, active=False)
+        return cls(kron, Shared(), basis, values, active=False)
 
 
 def _empty(kron: KronBlock) -> tuple[Tensor, Tensor, Tensor]:
@@ -153,4 +189,5 @@ class EKFAC:
 
     def build(self, plan: Plan) -> list[Block]:
         """KFAC's layout, each Kronecker block wrapped for its eigenvalue correction."""
-        return kron_blocks(plan, lambda kron: EKFACBlock(kron))
+        shared = Shared()
+        return kron_blocks(plan, lambda kron: EKFACBlock(kron, shared))

@@ -97,10 +97,13 @@ class KronBlock:
         second = self.second if self.second.ndim == 1 else self.second.diagonal()
         return torch.outer(first, second).reshape(-1) / self.count.clamp_min(1)
 
-    def basis(self) -> tuple[Tensor, Tensor, KronBasis]:
-        """Both factors' eigenvalues and the Kronecker eigenbasis."""
-        first, q_first = factor_eigh(self.first)
-        second, q_second = factor_eigh(self.second)
+    def basis(
+        self, eigh: Callable[[Tensor], tuple[Tensor, Tensor | None]] = factor_eigh
+    ) -> tuple[Tensor, Tensor, KronBasis]:
+        """Both factors' eigenvalues and the Kronecker eigenbasis (``eigh`` decomposes a
+        factor; a caller may share decompositions between blocks)."""
+        first, q_first = eigh(self.first)
+        second, q_second = eigh(self.second)
         shape = (self.first.shape[0], self.second.shape[0])
         return first, second, KronBasis(q_first, q_second, shape)
 

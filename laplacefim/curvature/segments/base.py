@@ -20,6 +20,7 @@ products with vectors (``uᵀX`` and ``Σ c u``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
@@ -29,6 +30,14 @@ from laplacefim.options import KfacApprox
 
 # Upper bound on elements of a per-sample gradient chunk (V · B_chunk · p); bounds memory.
 CHUNK_ELEMENTS = 1 << 24
+
+
+Rotate = Callable[[Tensor, Tensor], Tensor]
+
+
+def matmul(x: Tensor, q: Tensor) -> Tensor:
+    """``x @ q``."""
+    return x @ q
 
 
 class Segment(Protocol):
@@ -71,9 +80,12 @@ class Segment(Protocol):
         slice's flat order, or None where no Kronecker factorisation exists."""
         ...
 
-    def rotated(self, first: Tensor | None, second: Tensor | None) -> Segment:
+    def rotated(
+        self, first: Tensor | None, second: Tensor | None, rotate: Rotate = matmul
+    ) -> Segment:
         """The segment in the coordinates of the Kronecker basis ``first ⊗ second``
-        (orthonormal columns; None for the identity)."""
+        (orthonormal columns; None for the identity); ``rotate(x, q)`` computes ``x @ q``
+        (a caller may share the products between segments)."""
         ...
 
     def gram(self, weights: Tensor) -> Tensor:
@@ -90,6 +102,10 @@ class Segment(Protocol):
 
     def total(self) -> Tensor:
         """``Σ_b u``: ``(V, size)``, the gradient of each column's sum over the batch."""
+        ...
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors the segment holds (to measure its memory)."""
         ...
 
 
@@ -110,3 +126,13 @@ def batch_chunks(n_columns: int, batch: int, per_sample: int) -> int:
 
 def gram_of(u: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("vbp,wbp->bvw", u * weights, u)
+
+
+def footprint(segments: Mapping[str, list[Segment]]) -> int:
+    """Bytes held by the tensors of a batch's segments (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for segs in segments.values():
+        for segment in segs:
+            for tensor in segment.tensors():
+                seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())

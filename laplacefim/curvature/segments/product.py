@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.segments.base import batch_chunks, cast
+from laplacefim.curvature.segments.base import Rotate, batch_chunks, cast, matmul
 from laplacefim.options import KfacApprox
 
 
@@ -124,13 +124,15 @@ class Product:
         first, second = self.shared[key], rows_a.T @ rows_a
         return [second, first, count] if self.transposed else [first, second, count]
 
-    def rotated(self, first: Tensor | None, second: Tensor | None) -> Product:
+    def rotated(
+        self, first: Tensor | None, second: Tensor | None, rotate: Rotate = matmul
+    ) -> Product:
         """Rotate ``g`` and ``a`` into the eigenbases of their factors."""
         q_out, q_in = (second, first) if self.transposed else (first, second)
-        g = self.grads if q_out is None else self.grads @ q_out
+        g = self.grads if q_out is None else rotate(self.grads, q_out)
         a = self.inputs
         if q_in is not None:
-            a = self._a() @ q_in
+            a = rotate(self._a(), q_in)
         return Product(a, g, self.transposed)
 
     def gram(self, weights: Tensor) -> Tensor:
@@ -172,6 +174,10 @@ class Product:
         if self.inputs is None:
             return self.grads.sum((1, 2))
         return self._flat(torch.einsum("vbto,bti->voi", self.grads, self.inputs))
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors the segment holds."""
+        return [self.grads] if self.inputs is None else [self.inputs, self.grads]
 
 
 def stack_positions(products: list[Product]) -> Product:

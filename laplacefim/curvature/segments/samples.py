@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.segments.base import cast, gram_of
+from laplacefim.curvature.segments.base import Rotate, cast, gram_of, matmul
 from laplacefim.options import KfacApprox
 
 
@@ -52,7 +52,9 @@ class Samples:
         """None: per-sample gradients have no Kronecker factorisation."""
         return None
 
-    def rotated(self, first: Tensor | None, second: Tensor | None) -> Samples:
+    def rotated(
+        self, first: Tensor | None, second: Tensor | None, rotate: Rotate = matmul
+    ) -> Samples:
         """Not applicable (no Kronecker block is built on per-sample gradients)."""
         raise ValueError("per-sample gradients have no Kronecker basis to rotate into.")
 
@@ -71,3 +73,7 @@ class Samples:
     def total(self) -> Tensor:
         """``Σ_b u``."""
         return self.grads.sum(1)
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors the segment holds."""
+        return [self.grads]

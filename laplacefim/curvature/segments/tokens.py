@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from laplacefim.curvature.segments.base import cast
+from laplacefim.curvature.segments.base import Rotate, cast, matmul
 from laplacefim.options import KfacApprox
 
 
@@ -82,11 +82,13 @@ class Tokens:
         flat = self.grads.reshape(-1, self.dim)
         return [counts, flat.T @ flat, flat.new_full((), float(tokens.numel()))]
 
-    def rotated(self, first: Tensor | None, second: Tensor | None) -> Tokens:
+    def rotated(
+        self, first: Tensor | None, second: Tensor | None, rotate: Rotate = matmul
+    ) -> Tokens:
         """Rotate the row gradients (the token factor is diagonal: its basis is the identity)."""
         if first is not None:
             raise ValueError("an embedding's token factor is diagonal; it has no rotation.")
-        grads = self.grads if second is None else self.grads @ second
+        grads = self.grads if second is None else rotate(self.grads, second)
         return Tokens(self.tokens, grads, self.num, self.padding_idx)
 
     def gram(self, weights: Tensor) -> Tensor:
@@ -114,3 +116,7 @@ class Tokens:
         flat = self.grads.reshape(self.n_columns, -1, self.dim)
         out = flat.new_zeros(self.n_columns, self.num, self.dim)
         return out.index_add_(1, self.tokens.reshape(-1), flat).reshape(self.n_columns, -1)
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors the segment holds."""
+        return [self.tokens, self.grads]
