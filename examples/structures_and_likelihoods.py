@@ -48,7 +48,8 @@ def compare_structures() -> None:
         tuned = la.tune_prior()
         probs = la.predict(x_test).probs
         nll = metrics.nll(probs, y_test)
-        print(f"{label:<22} {seconds:>7.2f} {float(tuned.log_marginal_likelihood):>13.1f} {nll:>9.3f}")
+        evidence = float(tuned.log_marginal_likelihood)
+        print(f"{label:<22} {seconds:>7.2f} {evidence:>13.1f} {nll:>9.3f}")
 
 
 def heteroscedastic_regression() -> None:
