@@ -18,7 +18,7 @@ from laplacefim import checks, persistence, posterior
 from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
 from laplacefim.distributions import posterior_distribution
 from laplacefim.fitting import eval_mode
-from laplacefim.options import Link, PredictMethod, parse_option
+from laplacefim.options import CurvatureKind, Link, PredictMethod, parse_option
 from laplacefim.posterior import PosteriorPrecision
 from laplacefim.prediction import Prediction
 from laplacefim.predictive import (
@@ -29,6 +29,7 @@ from laplacefim.predictive import (
 )
 from laplacefim.structures import BlockDiagonal
 from laplacefim.structures.base import Decomposition, Precision
+from laplacefim.subsets import SubsetSpec
 
 
 class FittedPosterior:
@@ -49,6 +50,37 @@ class FittedPosterior:
     _stale: bool
     _versions: tuple[int, ...]
     _decompositions: list[Decomposition] | None
+
+    # ---------------------------------------------------------------- options
+    @property
+    def likelihood(self) -> str:
+        """The likelihood's name."""
+        return self.config.likelihood.name
+
+    @property
+    def structure(self) -> str:
+        """The structure's name."""
+        return self.config.structure.name
+
+    @property
+    def curvature_kind(self) -> CurvatureKind:
+        """The curvature kind."""
+        return self.config.kind
+
+    @property
+    def subset(self) -> SubsetSpec:
+        """The subset option."""
+        return self.config.subset
+
+    @property
+    def fisher_samples(self) -> int:
+        """Labels drawn per datum for the MC Fisher."""
+        return self.config.fisher_samples
+
+    @property
+    def temperature(self) -> float:
+        """The posterior temperature."""
+        return self._hyper.temperature
 
     # ---------------------------------------------------------------- fitted state
     def _fitted(self) -> FitState:

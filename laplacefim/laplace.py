@@ -142,44 +142,14 @@ class Laplace(FittedPosterior):
         self._versions: tuple[int, ...] = ()
         self._decompositions: list[Decomposition] | None = None
         sigma = checks.hyperparameter(sigma_noise, "sigma_noise", allow_zero=False)
-        self._check_noise(sigma)
         self._hyper = Hyperparameters(
             self._checked_prior(prior_precision),
             sigma,
             checks.number(temperature, "temperature", positive=True),
         )
+        self._check_noise(sigma)
 
     # ---------------------------------------------------------------- options
-    @property
-    def likelihood(self) -> str:
-        """The likelihood's name."""
-        return self.config.likelihood.name
-
-    @property
-    def structure(self) -> str:
-        """The structure's name."""
-        return self.config.structure.name
-
-    @property
-    def curvature_kind(self) -> CurvatureKind:
-        """The curvature kind."""
-        return self.config.kind
-
-    @property
-    def subset(self) -> SubsetSpec:
-        """The subset option."""
-        return self.config.subset
-
-    @property
-    def fisher_samples(self) -> int:
-        """Labels drawn per datum for the MC Fisher."""
-        return self.config.fisher_samples
-
-    @property
-    def temperature(self) -> float:
-        """The posterior temperature."""
-        return self._hyper.temperature
-
     def _checked_prior(self, value: float | Tensor) -> Tensor:
         prior = checks.hyperparameter(value, "prior_precision", allow_zero=True)
         if prior.ndim > 1:
@@ -201,13 +171,7 @@ class Laplace(FittedPosterior):
         self._hyper = replace(self._hyper, prior_precision=self._checked_prior(value))
 
     def _check_noise(self, sigma: Tensor) -> None:
-        self.config.likelihood.check_noise(sigma)
-        if sigma.ndim > 1:
-            raise ValueError(
-                f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}."
-            )
-        if self._fit is not None:  # raises if the fitted curvature cannot follow this noise
-            posterior.curvature_scale(self.config, self._hyper, self._fit, sigma)
+        posterior.check_noise(self.config, self._hyper, self._fit, sigma)
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -362,17 +326,10 @@ class Laplace(FittedPosterior):
         hyper, fit = persistence.restore(self.model, self.config, self._hyper, state)
         options = state["options"]
         config = replace(self.config, fisher_samples=int(options["fisher_samples"]))
-        self._check_noise_for(fit, hyper, config)
+        posterior.check_noise(config, hyper, fit, hyper.sigma_noise)
         self.config = config
         self._hyper = hyper
         self._set_fit(fit)
-
-    def _check_noise_for(
-        self, fit: FitState | None, hyper: Hyperparameters, config: CurvatureConfig
-    ) -> None:
-        config.likelihood.check_noise(hyper.sigma_noise)
-        if fit is not None:
-            posterior.curvature_scale(config, hyper, fit, hyper.sigma_noise)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""

@@ -43,6 +43,18 @@ def curvature_scale(
     return ratio / hyper.temperature
 
 
+def check_noise(
+    config: CurvatureConfig, hyper: Hyperparameters, fit: FitState | None, sigma: Tensor
+) -> None:
+    """Raise ``ValueError`` unless ``sigma`` is a noise the likelihood takes, of shape 0-d
+    or ``(K,)``, that the fitted curvature (if any) can follow."""
+    config.likelihood.check_noise(sigma)
+    if sigma.ndim > 1:
+        raise ValueError(f"sigma_noise must be a scalar or (K,), got shape {tuple(sigma.shape)}.")
+    if fit is not None:
+        curvature_scale(config, hyper, fit, sigma)
+
+
 def evidence(
     config: CurvatureConfig,
     hyper: Hyperparameters,
