@@ -125,3 +125,48 @@ def test_token_level_targets_are_checked():
     bad[1, 1] = C  # out of range and not ignored
     with pytest.raises(ValueError, match="out of range"):
         Laplace(model).fit([(ids, bad)])
+
+
+def test_gpt2_language_model_head_with_tied_embeddings():
+    """A GPT-2-like LM (its output layer is tied to the token embedding) from a config:
+    the token-level GGN over every parameter equals the dense reference."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        vocab_size=11, n_embd=4, n_layer=1, n_head=2, n_positions=8,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config).double().eval()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    g = generator(12)
+    ids = torch.randint(0, 11, (4, 5), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((4, 1), -100)], 1)  # next token; last ignored
+    batches = [{"input_ids": ids[i : i + 2], "labels": labels[i : i + 2]} for i in (0, 2)]
+    names = ref.trainable_names(model)
+    params = dict(model.named_parameters())
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def logits(t: Tensor, n: int) -> Tensor:
+        parts = dict(zip(names, t.split([params[k].numel() for k in names]), strict=True))
+        new = {k: v.reshape(params[k].shape) for k, v in parts.items()}
+        out = torch.func.functional_call(model, new, (), {"input_ids": ids[n : n + 1]})
+        return out.logits[0]
+
+    jac = torch.stack(
+        [torch.autograd.functional.jacobian(lambda t, n=n: logits(t, n), theta) for n in range(4)]
+    )
+    with torch.no_grad():
+        p = model(input_ids=ids).logits.softmax(-1)
+    hessian = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+    kept = (labels != -100).to(DTYPE)
+    expected = torch.einsum("btcp,btcd,btdq,bt->pq", jac, hessian, jac, kept)
+    la = Laplace(
+        model, structure="full", prior_precision=0.0, y_key="labels", call_kwargs=True,
+        output_key="logits", max_full_params=5000,
+    )  # fmt: skip
+    la.fit(batches)
+    assert la.n_data == 16  # 4 sequences x 5 tokens, the last of each ignored
+    scale = float(expected.abs().max())
+    assert_close(la.curvature.to_dense(), expected, 1e-9, 1e-9 * scale)
