@@ -119,6 +119,25 @@ class TransposedLinear(nn.Module):
         )
 
 
+class Scale(nn.Module):
+    """A module with a raw parameter and no rule of its own: the generic rule."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width, dtype=DTYPE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(x) * self.scale
+
+
+def _trained_batchnorm() -> nn.Module:
+    """A BatchNorm2d with running statistics away from (0, 1)."""
+    norm = nn.BatchNorm2d(4, dtype=DTYPE)
+    norm.running_mean.copy_(torch.linspace(-0.5, 0.5, 4, dtype=DTYPE))
+    norm.running_var.copy_(torch.linspace(0.5, 2.0, 4, dtype=DTYPE))
+    return norm
+
+
 def _hf_conv1d() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     conv = transformers.pytorch_utils.Conv1D(4, 3).to(DTYPE)
@@ -144,9 +163,29 @@ RULE_CASES: dict[
         lambda: Head(nn.Embedding(6, 3, padding_idx=5, dtype=DTYPE), 12),
         _tokens,
     ),
-    "generic-layernorm": (
-        "generic",
+    "layernorm": (
+        nn.LayerNorm,
         lambda: Head(nn.LayerNorm(4, dtype=DTYPE), 4),
+        lambda g: torch.randn(5, 4, generator=g, dtype=DTYPE),
+    ),
+    "layernorm-3d-normalized-2d": (
+        nn.LayerNorm,
+        lambda: Head(nn.LayerNorm((2, 3), dtype=DTYPE), 6),
+        lambda g: torch.randn(5, 2, 3, generator=g, dtype=DTYPE),
+    ),
+    "groupnorm": (
+        nn.GroupNorm,
+        lambda: Head(nn.GroupNorm(2, 4, dtype=DTYPE), 4 * 3),
+        lambda g: torch.randn(5, 4, 3, generator=g, dtype=DTYPE),
+    ),
+    "batchnorm-eval": (
+        nn.modules.batchnorm._BatchNorm,
+        lambda: Head(_trained_batchnorm(), 4 * 6),
+        lambda g: torch.randn(5, 4, 2, 3, generator=g, dtype=DTYPE),
+    ),
+    "generic-raw-parameter": (
+        "generic",
+        lambda: Head(Scale(4), 4),
         lambda g: torch.randn(5, 4, generator=g, dtype=DTYPE),
     ),
     "attention": (nn.MultiheadAttention, lambda: Head(Attention(), 24), _sequences),
@@ -209,7 +248,7 @@ def _engine(model: nn.Module) -> CurvatureEngine:
 @pytest.mark.parametrize("case", list(RULE_CASES))
 def test_rule_gradients_are_exact_and_segments_consistent(case):
     g = generator(3)
-    model = ref.init_(RULE_CASES[case][1](), g, 0.6)
+    model = ref.init_(RULE_CASES[case][1](), g, 0.6).eval()  # as in a fit
     x = RULE_CASES[case][2](g)
     engine = _engine(model)
     rows = engine.jacobian_rows(x, x.shape[0])

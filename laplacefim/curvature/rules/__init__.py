@@ -28,6 +28,7 @@ from laplacefim.curvature.rules.linear import (
     linear_rows,
     transposed_linear_rows,
 )
+from laplacefim.curvature.rules.norm import norm_rows
 from laplacefim.curvature.rules.recurrent import recurrent_rows
 
 GENERIC = LayerRule(generic_rows)
@@ -37,6 +38,8 @@ RULES.register(nn.Conv2d, LayerRule(conv2d_rows))
 RULES.register(nn.Embedding, LayerRule(embedding_rows))
 RULES.register(nn.MultiheadAttention, LayerRule(attention_rows, attention_claims, broadcast=False))
 RULES.register(nn.RNNBase, LayerRule(recurrent_rows, broadcast=False))
+for norm in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm):
+    RULES.register(norm, LayerRule(norm_rows))
 RULES.register_behaviour(is_transposed_linear, LayerRule(transposed_linear_rows))
 
 __all__ = ["GENERIC", "RULES", "LayerRule", "RuleRegistry", "own_parameters"]
