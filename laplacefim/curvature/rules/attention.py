@@ -166,12 +166,12 @@ def _one_call(module: nn.MultiheadAttention, call: Call) -> dict[str, list[Produ
         torch.zeros_like(leaf).expand(g_out.shape[0], *leaf.shape) if g is None else g
         for leaf, g in zip(leaves, grads, strict=True)
     )
-    shared: list[dict[object, Tensor]] = [{}, {}, {}, {}]
+    shared: dict[object, Tensor] = {}  # factors shared by the call's products
     q_in, k_in, v_in = attention.query, attention.key, attention.value
     products = {
-        "q": Product(q_in, g_q, False, shared[0]),
-        "k": Product(k_in, g_k, False, shared[1]),
-        "v": Product(v_in, g_v, False, shared[2]),
+        "q": Product(q_in, g_q, False, shared),
+        "k": Product(k_in, g_k, False, shared),
+        "v": Product(v_in, g_v, False, shared),
     }
     rows: dict[str, list[Product]] = {
         "in_proj_weight": [products["q"], products["k"], products["v"]],
@@ -179,12 +179,12 @@ def _one_call(module: nn.MultiheadAttention, call: Call) -> dict[str, list[Produ
         "k_proj_weight": [products["k"]],
         "v_proj_weight": [products["v"]],
         "in_proj_bias": [
-            Product(None, g_q, False, shared[0]),
-            Product(None, g_k, False, shared[1]),
-            Product(None, g_v, False, shared[2]),
+            Product(None, g_q, False, shared),
+            Product(None, g_k, False, shared),
+            Product(None, g_v, False, shared),
         ],
-        "out_proj.weight": [Product(context.detach(), g_out, False, shared[3])],
-        "out_proj.bias": [Product(None, g_out, False, shared[3])],
+        "out_proj.weight": [Product(context.detach(), g_out, False, shared)],
+        "out_proj.bias": [Product(None, g_out, False, shared)],
     }
     if g_bias:  # one appended key / value position each: (V, B, 1, E)
         rows["bias_k"] = [Product(None, g_bias[0])]

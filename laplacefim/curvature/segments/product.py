@@ -21,8 +21,10 @@ class Product:
         grads: ``(V, B, T, d_out)`` gradients of the columns w.r.t. the outputs.
         transposed: The slice stores the grid as ``(d_in, d_out)`` row-major (a weight used
             as ``x @ W``, such as HuggingFace's ``Conv1D``).
-        shared: Scratch space shared by the segments of one layer in one batch (a weight and
-            its bias have the same output factor ``G``: it is formed once).
+        shared: Scratch space shared by the segments of one layer in one batch, keyed by
+            tensor: a weight and its bias have the same output factor ``G``, the query, key
+            and value projections of self-attention the same input factor ``A``; each is
+            formed once.
     """
 
     inputs: Tensor | None
@@ -111,17 +113,20 @@ class Product:
         ``expand`` counts every (datum, position) as a row; ``reduce`` sums the output
         gradients and averages the inputs over the positions of each datum first.
         """
-        g, a = self.grads, self._a()
         reduce = approx is KfacApprox.REDUCE and self.positions > 1
-        if reduce:
-            g, a = g.sum(2, keepdim=True), a.mean(1, keepdim=True)
-        key = ("G", reduce, g.dtype)
-        if key not in self.shared:
+        g_key = ("G", id(self.grads), reduce)
+        if g_key not in self.shared:
+            g = self.grads.sum(2, keepdim=True) if reduce else self.grads
             rows_g = g.reshape(-1, self.d_out)
-            self.shared[key] = rows_g.T @ rows_g
-        rows_a = a.reshape(-1, a.shape[-1])
-        count = a.new_full((), float(rows_a.shape[0]))  # a fill kernel, no host copy
-        first, second = self.shared[key], rows_a.T @ rows_a
+            self.shared[g_key] = rows_g.T @ rows_g
+        a_key = ("A", id(self.inputs), reduce)
+        if self.inputs is None or a_key not in self.shared:
+            a = self._a().mean(1, keepdim=True) if reduce else self._a()
+            rows_a = a.reshape(-1, a.shape[-1])
+            self.shared[a_key] = rows_a.T @ rows_a
+        rows = self.batch * (1 if reduce else self.positions)
+        count = self.grads.new_full((), float(rows))  # a fill kernel, no host copy
+        first, second = self.shared[g_key], self.shared[a_key]
         return [second, first, count] if self.transposed else [first, second, count]
 
     def rotated(
