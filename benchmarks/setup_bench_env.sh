@@ -31,6 +31,7 @@ PEER_DEPS=(
     "numpy" "scipy>=1.12" "tqdm>=4.66" "opt-einsum>=3.4.0" "torchmetrics"
     "einops>=0.3.0,<1.0.0" "unfoldNd>=0.2.0,<1.0.0" "einconv>=0.1.0" "linear_operator>=0.2.0"
     "scikit-learn"  # the benchmark's data set (load_digits)
+    "transformers" "peft"  # architectures.py: BERT with LoRA adapters, built from configs
 )
 
 if [[ ! -x "$VENV/bin/python" ]]; then
