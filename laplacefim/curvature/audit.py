@@ -113,9 +113,15 @@ def audit(
     cols[1, 1:] = 0
     calls = recording.calls
     outputs = [o for cs in calls.values() for c in cs for o in c.outputs if o.requires_grad]
-    found = torch.autograd.grad(
-        f, [*outputs, *(p for _, p in params)], cols, is_grads_batched=True, allow_unused=True
-    )
+    # Two plain backward passes, not ``is_grads_batched``: vmap lacks batching rules for
+    # some operations (custom autograd functions among them).
+    inputs = [*outputs, *(p for _, p in params)]
+    passes = [
+        torch.autograd.grad(f, inputs, col, retain_graph=True, allow_unused=True) for col in cols
+    ]
+    found = [
+        None if parts[0] is None else torch.stack(parts) for parts in zip(*passes, strict=True)
+    ]
     index = 0
     for cs in calls.values():
         for call in cs:
