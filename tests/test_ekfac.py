@@ -21,6 +21,7 @@ import math
 import pytest
 import reference as ref
 import torch
+from helpers import assert_max_close, generator
 from torch import Tensor, nn
 
 from laplacefim import Laplace
@@ -51,19 +52,6 @@ N_MC = 16384
 MC_ATOL = 6.0 * math.sqrt(2.0 / N_MC)
 
 
-def _close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    actual = actual.detach().to(expected.dtype)
-    scale = float(expected.abs().max())
-    err = float((actual - expected).abs().max())
-    assert err <= rtol * scale, f"max abs error {err:.3e} vs scale {scale:.3e} (rtol {rtol:g})"
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
 # --------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------
@@ -91,7 +79,7 @@ def _cnn(c: int) -> nn.Module:
 
 def _problem(arch: str, likelihood: str, seed: int = 0):
     """(model, x, y) on a local generator."""
-    g = _gen(4100 + 17 * seed)
+    g = generator(4100 + 17 * seed)
     c = N_OUT[likelihood]
     if arch == "mlp":
         model = ref.mlp(c, g)  # 4-5-c with tanh
@@ -174,17 +162,17 @@ def test_eigenvalues_are_the_exact_ggn_in_the_kfac_basis(arch, likelihood):
     for block, s in zip(la.curvature.blocks, _slices(la), strict=True):
         q = _dense_basis(block)
         eye = torch.eye(q.shape[0], dtype=DTYPE)
-        _close(q.T @ q, eye)  # orthonormal
+        assert_max_close(q.T @ q, eye, RTOL)  # orthonormal
         # Q is KFAC's eigenbasis: it diagonalises the brute-force KFAC block
         rotated = q.T @ kfac[s, s] @ q
         off = rotated - torch.diag(torch.diagonal(rotated))
         assert float(off.abs().max()) <= RTOL * float(kfac[s, s].abs().max()), block.names
         # the re-fitted eigenvalues: the exact GGN block seen in that basis
         expected = torch.diagonal(q.T @ ggn[s, s] @ q)
-        _close(block.values, expected)
-        _close(block.to_dense(), (q * expected) @ q.T)
-        _close(block.diagonal(), torch.diagonal((q * expected) @ q.T))
-    _close(la.curvature.to_dense(), _oracle_ekfac(la, ggn))
+        assert_max_close(block.values, expected, RTOL)
+        assert_max_close(block.to_dense(), (q * expected) @ q.T, RTOL)
+        assert_max_close(block.diagonal(), torch.diagonal((q * expected) @ q.T), RTOL)
+    assert_max_close(la.curvature.to_dense(), _oracle_ekfac(la, ggn), RTOL)
 
 
 def test_eigenvalues_with_kfac_reduce_basis():
@@ -194,7 +182,7 @@ def test_eigenvalues_with_kfac_reduce_basis():
     la = _fit(model, x, y, "classification", kfac_approx="reduce")
     la_expand = _fit(model, x, y, "classification")
     ggn = ref.dense_ggn(model, ref.trainable_names(model), x, "classification")
-    _close(la.curvature.to_dense(), _oracle_ekfac(la, ggn))
+    assert_max_close(la.curvature.to_dense(), _oracle_ekfac(la, ggn), RTOL)
     # the shared weight's basis really is another one than expand's
     inner = la.curvature.blocks[0]
     assert inner.names == ("inner.weight",)
@@ -266,7 +254,7 @@ def test_matches_curvlinops_ekfac(arch, likelihood):
     for kind, fisher_type in (("ggn", "type-2"), ("empirical_fisher", "empirical")):
         expected = _curvlinops_ekfac(model, x, y, likelihood, fisher_type)
         la = _fit(model, x, y, likelihood, curvature=kind, sigma=CL_SIGMA, prior=0.0)
-        _close(la.curvature.to_dense(), expected)
+        assert_max_close(la.curvature.to_dense(), expected, RTOL)
 
 
 def test_matches_curvlinops_ekfac_on_shared_weights_both_flavours():
@@ -275,7 +263,7 @@ def test_matches_curvlinops_ekfac_on_shared_weights_both_flavours():
     for approx in ("expand", "reduce"):
         expected = _curvlinops_ekfac(model, x, y, "classification", "type-2", approx)
         la = _fit(model, x, y, "classification", kfac_approx=approx, prior=0.0)
-        _close(la.curvature.to_dense(), expected)
+        assert_max_close(la.curvature.to_dense(), expected, RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -328,26 +316,28 @@ def test_evidence_matches_dense_formula(fitted, prior_kind):
         prior.expand(la.n_params) if prior_kind == "scalar" else _layer_prior(prior.to(DTYPE), la)
     )
     expected = _dense_evidence(model, x, y, likelihood, _sigma(likelihood), curvature, per_param)
-    _close(la.log_marginal_likelihood(prior), expected, DENSE_RTOL)
+    assert_max_close(la.log_marginal_likelihood(prior), expected, DENSE_RTOL)
     if likelihood == "regression":  # a noise changed after the fit rescales F by σ_fit²/σ²
         sigma = 1.3
         scaled = curvature * SIGMA**2 / sigma**2
         expected = _dense_evidence(model, x, y, likelihood, sigma, scaled, per_param)
-        _close(la.log_marginal_likelihood(prior, sigma_noise=sigma), expected, DENSE_RTOL)
+        assert_max_close(la.log_marginal_likelihood(prior, sigma_noise=sigma), expected, DENSE_RTOL)
 
 
 def test_glm_output_covariance_is_j_sigma_jt(fitted):
     _likelihood, model, x, _y, la, curvature = fitted
     prior = 0.6
     la.prior_precision = prior
-    xt = torch.randn(5, *x.shape[1:], generator=_gen(11), dtype=DTYPE)
+    xt = torch.randn(5, *x.shape[1:], generator=generator(11), dtype=DTYPE)
     cov = torch.linalg.inv(curvature + prior * torch.eye(la.n_params, dtype=DTYPE))
     J = ref.jacobian(model, ref.trainable_names(model), xt)
     expected = torch.einsum("bcp,pq,bdq->bcd", J, cov, J)
     prediction = la.predict(xt, joint_outputs=True)
-    _close(prediction.logit_cov, expected, DENSE_RTOL)
-    _close(
-        la.posterior_precision.to_dense(), curvature + prior * torch.eye(la.n_params, dtype=DTYPE)
+    assert_max_close(prediction.logit_cov, expected, DENSE_RTOL)
+    assert_max_close(
+        la.posterior_precision.to_dense(),
+        curvature + prior * torch.eye(la.n_params, dtype=DTYPE),
+        RTOL,
     )
 
 
@@ -356,9 +346,9 @@ def test_posterior_density_and_entropy(fitted):
     la.prior_precision = 1.5
     precision = curvature + 1.5 * torch.eye(la.n_params, dtype=DTYPE)
     dense = torch.distributions.MultivariateNormal(la.mean, precision_matrix=precision)
-    points = la.mean + torch.randn(4, la.n_params, generator=_gen(12), dtype=DTYPE)
-    _close(la.posterior.log_prob(points), dense.log_prob(points), DENSE_RTOL)
-    _close(la.posterior.entropy(), dense.entropy(), DENSE_RTOL)
+    points = la.mean + torch.randn(4, la.n_params, generator=generator(12), dtype=DTYPE)
+    assert_max_close(la.posterior.log_prob(points), dense.log_prob(points), DENSE_RTOL)
+    assert_max_close(la.posterior.entropy(), dense.entropy(), DENSE_RTOL)
 
 
 def test_samples_have_the_posterior_covariance(fitted):
@@ -369,17 +359,17 @@ def test_samples_have_the_posterior_covariance(fitted):
     la.prior_precision = 0.9
     P = la.n_params
     cov = torch.linalg.inv(curvature + 0.9 * torch.eye(P, dtype=DTYPE))
-    g = _gen(13)
-    replay = _gen(13)
+    g = generator(13)
+    replay = generator(13)
     n = 3 * P
     samples = la.sample(n, generator=g)
     z = torch.randn((n, P), generator=replay, dtype=DTYPE)
     solution = torch.linalg.lstsq(z, samples - la.mean)
     lt = solution.solution  # (P, P): samples - mean = z @ Lᵀ
-    _close(z @ lt, samples - la.mean, RTOL)
-    _close(lt.T @ lt, cov, DENSE_RTOL)
+    assert_max_close(z @ lt, samples - la.mean, RTOL)
+    assert_max_close(lt.T @ lt, cov, DENSE_RTOL)
     # Monte Carlo, with a named tolerance
-    many = la.sample(N_MC, generator=_gen(14)) - la.mean
+    many = la.sample(N_MC, generator=generator(14)) - la.mean
     white = many @ torch.linalg.cholesky(torch.linalg.inv(cov))  # Lᵀ_P: cov(white) = I
     empirical = white.T @ white / N_MC
     assert float((empirical - torch.eye(P, dtype=DTYPE)).abs().max()) <= MC_ATOL
@@ -404,7 +394,7 @@ def test_tune_prior_converges_to_a_stationary_point(prior_structure):
 
     (grad,) = torch.autograd.grad(evidence(log_prior), log_prior)
     assert float(grad.abs().max()) <= STATIONARY_RTOL * la.n_params, grad
-    _close(result.log_marginal_likelihood, evidence(log_prior.detach()), DENSE_RTOL)
+    assert_max_close(result.log_marginal_likelihood, evidence(log_prior.detach()), DENSE_RTOL)
     # a local maximum: nudging the prior either way lowers the dense evidence
     for step in (-1e-2, 1e-2):
         assert float(evidence(log_prior.detach() + step)) < float(evidence(log_prior.detach()))
@@ -427,7 +417,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, fitted):
     la.save(path)
     loaded = Laplace.load(path, model)
     assert loaded.structure == "ekfac"
-    xt = torch.randn(4, *x.shape[1:], generator=_gen(16), dtype=DTYPE)
+    xt = torch.randn(4, *x.shape[1:], generator=generator(16), dtype=DTYPE)
     a = la.predict(xt, joint_outputs=True)
     b = loaded.predict(xt, joint_outputs=True)
     assert torch.equal(a.logit_cov, b.logit_cov)
@@ -437,7 +427,9 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, fitted):
         assert torch.equal(old.values, new.values)
         assert torch.equal(old.to_dense(), new.to_dense())
     assert torch.equal(la.log_marginal_likelihood(), loaded.log_marginal_likelihood())
-    assert torch.equal(la.sample(3, generator=_gen(17)), loaded.sample(3, generator=_gen(17)))
+    assert torch.equal(
+        la.sample(3, generator=generator(17)), loaded.sample(3, generator=generator(17))
+    )
     # and through state_dict into a fresh object
     fresh = Laplace(copy.deepcopy(model), likelihood, structure="ekfac")
     fresh.load_state_dict(la.state_dict())

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import generator
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -34,12 +35,8 @@ SIGMA = 0.7
 HUTCHINSON_SE = 4.0
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _problem(likelihood: str, n: int = 14, seed: int = 0):
-    g = _gen(seed)
+    g = generator(seed)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, N_OUT[likelihood])).to(DTYPE)
     with torch.no_grad():
         for p in model.parameters():
@@ -94,7 +91,7 @@ def _dense(model: nn.Module, x, y, likelihood: str):
 def test_products_match_dense(likelihood):
     model, loader, x, y = _problem(likelihood)
     ggn, hess, _ = _dense(model, x, y, likelihood)
-    v = torch.randn(4, ggn.shape[0], generator=_gen(1), dtype=DTYPE)
+    v = torch.randn(4, ggn.shape[0], generator=generator(1), dtype=DTYPE)
     kw = _kwargs(likelihood)
     torch.testing.assert_close(ggn_vector_product(model, loader, likelihood, v, **kw), v @ ggn)
     torch.testing.assert_close(hessian_vector_product(model, loader, likelihood, v, **kw), v @ hess)
@@ -121,7 +118,7 @@ def test_top_eigen_ggn_and_hessian(likelihood):
             k=4,
             matrix=name,
             tol=1e-10,
-            generator=_gen(),
+            generator=generator(0),
             **_kwargs(likelihood),
         )
         assert eig.converged
@@ -147,11 +144,11 @@ def test_ggn_psd_hessian_indefinite_and_smallest():
         matrix="hessian",
         which="smallest",
         tol=1e-10,
-        generator=_gen(),
+        generator=generator(0),
     )
     torch.testing.assert_close(low.eigenvalues, exact_h[:2], rtol=1e-8, atol=1e-8 * exact_h[-1])
     g_low = top_eigenvalues(
-        model, loader, "classification", k=1, which="smallest", tol=1e-10, generator=_gen()
+        model, loader, "classification", k=1, which="smallest", tol=1e-10, generator=generator(0)
     )
     assert g_low.eigenvalues[0] >= -1e-8 * exact_h[-1]
 
@@ -186,7 +183,9 @@ def test_trace_exact_and_hutchinson(likelihood):
         trace(model, loader, likelihood, matrix="hessian", **kw).estimate, hess.trace()
     )
     for matrix, dense in (("ggn", ggn), ("hessian", hess)):
-        est = trace(model, loader, likelihood, matrix=matrix, n_probes=200, generator=_gen(5), **kw)
+        est = trace(
+            model, loader, likelihood, matrix=matrix, n_probes=200, generator=generator(5), **kw
+        )
         assert est.n_probes == 200 and est.standard_error > 0
         assert abs(float(est.estimate - dense.trace())) <= HUTCHINSON_SE * float(est.standard_error)
 
@@ -218,7 +217,9 @@ def test_structure_eigenvalues_and_trace(structure):
     torch.testing.assert_close(values, exact, rtol=1e-8, atol=1e-10 * float(exact[0]))
     torch.testing.assert_close(structure_trace(la), dense.trace())
     if structure == "full":  # the full structure is the exact GGN
-        top = top_eigenvalues(model, loader, "classification", k=3, tol=1e-10, generator=_gen())
+        top = top_eigenvalues(
+            model, loader, "classification", k=3, tol=1e-10, generator=generator(0)
+        )
         torch.testing.assert_close(top.eigenvalues, values[:3])
 
 
@@ -259,7 +260,7 @@ def test_fisher_distance_and_kl(likelihood):
     model, loader, x, y = _problem(likelihood)
     ggn, _, theta = _dense(model, x, y, likelihood)
     kw = _kwargs(likelihood)
-    direction = torch.randn(theta.shape, generator=_gen(2), dtype=DTYPE)
+    direction = torch.randn(theta.shape, generator=generator(2), dtype=DTYPE)
     d2 = fisher_distance(model, loader, likelihood, theta, theta + direction, **kw)
     torch.testing.assert_close(d2, direction @ ggn @ direction)
     ratios = []
@@ -275,7 +276,9 @@ def test_fisher_distance_and_kl(likelihood):
 def test_layer_sensitivity():
     model, loader, x, y = _problem("classification")
     ggn, _, _theta = _dense(model, x, y, "classification")
-    sens = layer_sensitivity(model, loader, "classification", k=2, step=1e-3, generator=_gen())
+    sens = layer_sensitivity(
+        model, loader, "classification", k=2, step=1e-3, generator=generator(0)
+    )
     sizes = [p.numel() for p in model.parameters()]
     expected = torch.stack([block.sum() for block in ggn.diagonal().split(sizes)])
     torch.testing.assert_close(sens.layer_traces, expected)
@@ -290,7 +293,7 @@ def test_spectral_density_integrates_and_plots(tmp_path):
     model, loader, x, y = _problem("classification")
     ggn, _, _ = _dense(model, x, y, "classification")
     sd = spectral_density(
-        model, loader, "classification", n_probes=3, n_steps=ggn.shape[0], generator=_gen()
+        model, loader, "classification", n_probes=3, n_steps=ggn.shape[0], generator=generator(0)
     )
     mass = torch.trapezoid(sd.density, sd.grid)
     assert abs(float(mass) - 1.0) < 1e-3
@@ -312,7 +315,7 @@ def test_monitor_records_match_direct_calls(tmp_path):
         prior_precision=0.5,
         eig_steps=30,
         n_probes=None,
-        generator=_gen(),
+        generator=generator(0),
     )
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(5):
@@ -331,7 +334,7 @@ def test_monitor_records_match_direct_calls(tmp_path):
     direct_trace = trace(model, [probe], "classification").estimate
     assert record is not None
     assert math.isclose(record.trace, float(direct_trace), rel_tol=1e-10)
-    top = top_eigenvalues(model, [probe], "classification", k=1, tol=1e-10, generator=_gen())
+    top = top_eigenvalues(model, [probe], "classification", k=1, tol=1e-10, generator=generator(0))
     assert math.isclose(record.top_eigenvalue, float(top.eigenvalues[0]), rel_tol=1e-8)
     la = Laplace(model, "classification", structure="diag", prior_precision=0.5).fit([probe])
     assert math.isclose(record.effective_dimension, float(effective_dimension(la)), rel_tol=1e-10)
@@ -347,7 +350,7 @@ def test_monitor_records_match_direct_calls(tmp_path):
 
 def test_monitor_hutchinson_and_jump_warning():
     model, _loader, x, y = _problem("classification")
-    monitor = FisherMonitor("classification", (x, y), every=1, n_probes=400, generator=_gen(4))
+    monitor = FisherMonitor("classification", (x, y), every=1, n_probes=400, generator=generator(4))
     record = monitor.step(model)
     exact = float(trace(model, [(x, y)], "classification").estimate)
     assert abs(record.trace - exact) <= HUTCHINSON_SE * record.trace_standard_error

@@ -21,6 +21,7 @@ import math
 import pytest
 import reference as ref
 import torch
+from helpers import assert_max_close, generator
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
@@ -50,19 +51,6 @@ LOSSES = {
     "regression": lambda: nn.MSELoss(reduction="sum"),
     "binary": lambda: nn.BCEWithLogitsLoss(reduction="sum"),
 }
-
-
-def _close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    actual = actual.detach().to(expected.dtype)
-    scale = float(expected.abs().max())
-    err = float((actual - expected).abs().max())
-    assert err <= rtol * scale, f"max abs error {err:.3e} vs scale {scale:.3e} (rtol {rtol:g})"
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
 
 
 # --------------------------------------------------------------------------------------
@@ -119,7 +107,7 @@ def _cnn_one_position(c: int) -> nn.Module:
 
 
 def _problem(arch: str, likelihood: str, seed: int = 0, t: int = T_POS):
-    g = _gen(6300 + 13 * seed)
+    g = generator(6300 + 13 * seed)
     c = N_OUT[likelihood]
     if arch == "seq_flat":
         model = ref.init_(SeqFlat(c, t), g)
@@ -172,7 +160,7 @@ def test_matches_curvlinops(arch, likelihood, approx):
     pytest.importorskip("curvlinops")
     model, x, y = _problem(arch, likelihood)
     expected = _curvlinops(model, x, y, likelihood, approx)
-    _close(_fit(model, x, y, likelihood, approx, CL_SIGMA), expected)
+    assert_max_close(_fit(model, x, y, likelihood, approx, CL_SIGMA), expected, RTOL)
 
 
 @pytest.mark.parametrize("arch", ["seq_flat", "cnn"])
@@ -199,7 +187,7 @@ def test_reduce_matches_curvlinops_for_the_empirical_fisher(arch):
         kfac_approx="reduce",
         prior_precision=0.0,
     ).fit(ref.loader(x, y, BATCH))
-    _close(la.curvature.to_dense(), expected)
+    assert_max_close(la.curvature.to_dense(), expected, RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,10 +221,10 @@ def test_reduce_matches_dense_brute_force(arch, likelihood):
     nw, nb = weight.shape[0], bias.shape[0]
     expected[: nw + nb, : nw + nb] = torch.block_diag(weight, bias)
     reduce = _fit(model, x, y, likelihood, "reduce", sigma)
-    _close(reduce, expected)
+    assert_max_close(reduce, expected, RTOL)
     # the bias block of "reduce" is the exact GGN's (a bias gradient is Σₜ gₙₜ)
     ggn = ref.dense_ggn(model, names, x, likelihood, sigma)
-    _close(reduce[nw : nw + nb, nw : nw + nb], ggn[nw : nw + nb, nw : nw + nb])
+    assert_max_close(reduce[nw : nw + nb, nw : nw + nb], ggn[nw : nw + nb, nw : nw + nb], RTOL)
     # and "expand" is a different matrix on the shared weight
     expand = _fit(model, x, y, likelihood, "expand", sigma)
     gap = float((expand[:nw, :nw] - reduce[:nw, :nw]).abs().max())
@@ -253,10 +241,12 @@ def test_flavours_coincide_at_one_position(arch, likelihood):
     sigma = SIGMA if likelihood == "regression" else 1.0
     expand = _fit(model, x, y, likelihood, "expand", sigma)
     reduce = _fit(model, x, y, likelihood, "reduce", sigma)
-    _close(reduce, expand, SAME_RTOL)
+    assert_max_close(reduce, expand, SAME_RTOL)
     # both are the brute-force KFAC
     names = ref.trainable_names(model)
-    _close(expand, ref.CurvatureReference(model, names, x, likelihood, sigma).ggn("kron"))
+    assert_max_close(
+        expand, ref.CurvatureReference(model, names, x, likelihood, sigma).ggn("kron"), RTOL
+    )
 
 
 def test_unknown_flavour_is_refused():

@@ -20,6 +20,7 @@ import math
 import pytest
 import reference as ref
 import torch
+from helpers import assert_max_close, generator
 from torch import Tensor
 
 from laplacefim import Laplace, LowRank
@@ -54,25 +55,12 @@ N_MC = 16384
 MC_ATOL = 6.0 * math.sqrt(2.0 / N_MC)
 
 
-def _close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    actual = actual.detach().to(expected.dtype)
-    scale = float(expected.abs().max())
-    err = float((actual - expected).abs().max())
-    assert err <= rtol * scale, f"max abs error {err:.3e} vs scale {scale:.3e} (rtol {rtol:g})"
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
 def _sigma(likelihood: str) -> float:
     return SIGMA if likelihood == "regression" else 1.0
 
 
 def _problem(likelihood: str, seed: int = 0):
-    g = _gen(5200 + 31 * seed)
+    g = generator(5200 + 31 * seed)
     model = ref.mlp(N_OUT[likelihood], g)  # 4-5-C with tanh
     x = torch.randn(N_DATA, 4, generator=g, dtype=DTYPE)
     y = ref.targets(likelihood, N_DATA, N_OUT[likelihood], g)
@@ -97,13 +85,13 @@ def _check_top_k(block, matrix: Tensor, k: int) -> None:
     assert float(full[k - 1] - full[k]) > 1e-2 * float(full[0]), "no eigengap: test ill-posed"
     assert block.vectors.shape == (matrix.shape[0], k) and block.values.shape == (k,)
     u = block.vectors.to(DTYPE)
-    _close(u.T @ u, torch.eye(k, dtype=DTYPE))
+    assert_max_close(u.T @ u, torch.eye(k, dtype=DTYPE), RTOL)
     order = block.values.argsort(descending=True)
-    _close(block.values[order], values, EIG_RTOL)
+    assert_max_close(block.values[order], values, EIG_RTOL)
     distance = torch.linalg.matrix_norm(u @ u.T - vectors @ vectors.T, ord=2)
     assert float(distance) <= PROJ_TOL, float(distance)
     # each returned vector is an eigenvector for its value
-    _close(matrix @ u, u * block.values, EIG_RTOL)
+    assert_max_close(matrix @ u, u * block.values, EIG_RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,15 +108,15 @@ def test_top_eigenpairs_and_remainder_of_the_ggn(likelihood):
     u, lam = block.vectors, block.values
     low_rank = (u * lam) @ u.T
     expected_d = (ggn.diagonal() - low_rank.diagonal()).clamp_min(0)
-    _close(block.diag, expected_d, RTOL)
+    assert_max_close(block.diag, expected_d, RTOL)
     assert bool((block.diag >= 0).all())
     # the approximation keeps the exact diagonal
-    _close(la.curvature.diagonal(), ggn.diagonal(), RTOL)
-    _close(la.curvature.to_dense(), torch.diag(expected_d) + low_rank, RTOL)
+    assert_max_close(la.curvature.diagonal(), ggn.diagonal(), RTOL)
+    assert_max_close(la.curvature.to_dense(), torch.diag(expected_d) + low_rank, RTOL)
     # and the low-rank part is the best rank-k approximation: the error is the rest
     values = torch.linalg.eigvalsh(ggn).flip(0)
     rest = torch.linalg.matrix_norm(ggn - low_rank, ord=2)
-    _close(rest, values[RANK], EIG_RTOL)
+    assert_max_close(rest, values[RANK], EIG_RTOL)
 
 
 def test_full_rank_reproduces_the_dense_ggn():
@@ -138,9 +126,9 @@ def test_full_rank_reproduces_the_dense_ggn():
     la = _fit(model, x, y, "classification", rank=P)
     (block,) = la.curvature.blocks
     assert block.values.numel() == P
-    _close(la.curvature.to_dense(), ggn, FULL_RANK_RTOL)
+    assert_max_close(la.curvature.to_dense(), ggn, FULL_RANK_RTOL)
     assert float(block.diag.abs().max()) <= FULL_RANK_RTOL * float(ggn.abs().max())
-    _close(la.curvature.diagonal(), ggn.diagonal(), RTOL)
+    assert_max_close(la.curvature.diagonal(), ggn.diagonal(), RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -163,7 +151,7 @@ def _per_param(kind: str, la: Laplace) -> tuple[Tensor, Tensor]:
             ]
         )
         return prior, expanded
-    prior = 0.3 + torch.rand(la.n_params, generator=_gen(77), dtype=DTYPE) * 2.0
+    prior = 0.3 + torch.rand(la.n_params, generator=generator(77), dtype=DTYPE) * 2.0
     return prior, prior
 
 
@@ -204,12 +192,12 @@ def test_evidence_matches_dense_formula(fitted, prior_kind):
     prior, per_param = _per_param(prior_kind, la)
     curvature = _dense_curvature(la)
     expected = _dense_evidence(model, x, y, likelihood, curvature, per_param)
-    _close(la.log_marginal_likelihood(prior), expected, DENSE_RTOL)
+    assert_max_close(la.log_marginal_likelihood(prior), expected, DENSE_RTOL)
     if likelihood == "regression":  # another noise rescales the GGN by σ_fit² / σ²
         sigma = 1.3
         scaled = curvature * SIGMA**2 / sigma**2
         expected = _dense_evidence(model, x, y, likelihood, scaled, per_param, sigma)
-        _close(la.log_marginal_likelihood(prior, sigma_noise=sigma), expected, DENSE_RTOL)
+        assert_max_close(la.log_marginal_likelihood(prior, sigma_noise=sigma), expected, DENSE_RTOL)
 
 
 @pytest.mark.parametrize("prior_kind", PRIORS)
@@ -218,11 +206,11 @@ def test_glm_output_covariance_is_j_sigma_jt(fitted, prior_kind):
     prior, per_param = _per_param(prior_kind, la)
     la.prior_precision = prior
     precision = _dense_curvature(la) + torch.diag(per_param)
-    _close(la.posterior_precision.to_dense(), precision, RTOL)
-    xt = torch.randn(5, 4, generator=_gen(21), dtype=DTYPE)
+    assert_max_close(la.posterior_precision.to_dense(), precision, RTOL)
+    xt = torch.randn(5, 4, generator=generator(21), dtype=DTYPE)
     J = ref.jacobian(model, ref.trainable_names(model), xt)
     expected = torch.einsum("bcp,pq,bdq->bcd", J, torch.linalg.inv(precision), J)
-    _close(la.predict(xt, joint_outputs=True).logit_cov, expected, DENSE_RTOL)
+    assert_max_close(la.predict(xt, joint_outputs=True).logit_cov, expected, DENSE_RTOL)
 
 
 @pytest.mark.parametrize("prior_kind", PRIORS)
@@ -233,10 +221,10 @@ def test_posterior_density_entropy_and_variance(fitted, prior_kind):
     precision = _dense_curvature(la) + torch.diag(per_param)
     dense = torch.distributions.MultivariateNormal(la.mean, precision_matrix=precision)
     posterior = la.posterior
-    points = la.mean + torch.randn(4, la.n_params, generator=_gen(22), dtype=DTYPE)
-    _close(posterior.log_prob(points), dense.log_prob(points), DENSE_RTOL)
-    _close(posterior.entropy(), dense.entropy(), DENSE_RTOL)
-    _close(posterior.variance, torch.linalg.inv(precision).diagonal(), DENSE_RTOL)
+    points = la.mean + torch.randn(4, la.n_params, generator=generator(22), dtype=DTYPE)
+    assert_max_close(posterior.log_prob(points), dense.log_prob(points), DENSE_RTOL)
+    assert_max_close(posterior.entropy(), dense.entropy(), DENSE_RTOL)
+    assert_max_close(posterior.variance, torch.linalg.inv(precision).diagonal(), DENSE_RTOL)
 
 
 @pytest.mark.parametrize("prior_kind", PRIORS)
@@ -251,12 +239,12 @@ def test_samples_have_the_posterior_covariance(fitted, prior_kind):
     precision = _dense_curvature(la) + torch.diag(per_param)
     cov = torch.linalg.inv(precision)
     n = 3 * P
-    samples = la.sample(n, generator=_gen(23)) - la.mean
-    z = torch.randn((n, P), generator=_gen(23), dtype=DTYPE)
+    samples = la.sample(n, generator=generator(23)) - la.mean
+    z = torch.randn((n, P), generator=generator(23), dtype=DTYPE)
     lt = torch.linalg.lstsq(z, samples).solution
-    _close(z @ lt, samples, RTOL)
-    _close(lt.T @ lt, cov, DENSE_RTOL)
-    many = la.sample(N_MC, generator=_gen(24)) - la.mean
+    assert_max_close(z @ lt, samples, RTOL)
+    assert_max_close(lt.T @ lt, cov, DENSE_RTOL)
+    many = la.sample(N_MC, generator=generator(24)) - la.mean
     white = many @ torch.linalg.cholesky(precision)
     empirical = white.T @ white / N_MC
     assert float((empirical - torch.eye(P, dtype=DTYPE)).abs().max()) <= MC_ATOL
@@ -276,9 +264,9 @@ def test_tune_prior_diagonal_is_mackays_fixed_point():
     cov = torch.linalg.inv(_dense_curvature(la) + torch.diag(prior))
     gamma = (1.0 - prior * cov.diagonal()).clamp(0.0, 1.0)
     expected = (gamma / theta.square()).clamp(math.exp(-40), math.exp(40))
-    _close(prior, expected, MACKAY_RTOL)
+    assert_max_close(prior, expected, MACKAY_RTOL)
     expected_value = _dense_evidence(model, x, y, "regression", _dense_curvature(la), prior)
-    _close(result.log_marginal_likelihood, expected_value, DENSE_RTOL)
+    assert_max_close(result.log_marginal_likelihood, expected_value, DENSE_RTOL)
 
 
 def test_tune_prior_scalar_converges_to_a_stationary_point():
@@ -318,7 +306,7 @@ def test_tune_prior_and_noise_jointly_is_stationary():
 
     (grad,) = torch.autograd.grad(evidence(point), point)
     assert float(grad.abs().max()) <= STATIONARY_RTOL * la.n_params, grad
-    _close(result.log_marginal_likelihood, evidence(start), DENSE_RTOL)
+    assert_max_close(result.log_marginal_likelihood, evidence(start), DENSE_RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,7 +328,7 @@ def test_empirical_fisher_top_eigenpairs(likelihood):
     )
     (block,) = la.curvature.blocks
     _check_top_k(block, ef, RANK)
-    _close(la.curvature.diagonal(), ef.diagonal(), RTOL)
+    assert_max_close(la.curvature.diagonal(), ef.diagonal(), RTOL)
 
 
 def test_one_shot_generator_is_refused():
@@ -366,12 +354,14 @@ def test_save_load_round_trip(tmp_path, fitted):
     (old,), (new,) = la.curvature.blocks, loaded.curvature.blocks
     for name in ("diag", "vectors", "values"):
         assert torch.equal(getattr(old, name), getattr(new, name)), name
-    xt = torch.randn(4, 4, generator=_gen(25), dtype=DTYPE)
+    xt = torch.randn(4, 4, generator=generator(25), dtype=DTYPE)
     a, b = la.predict(xt, joint_outputs=True), loaded.predict(xt, joint_outputs=True)
     assert torch.equal(a.logit_cov, b.logit_cov)
     field = "probs" if likelihood == "classification" else "mean"
     assert torch.equal(getattr(a, field), getattr(b, field))
     assert torch.equal(la.log_marginal_likelihood(), loaded.log_marginal_likelihood())
-    assert torch.equal(la.sample(3, generator=_gen(26)), loaded.sample(3, generator=_gen(26)))
+    assert torch.equal(
+        la.sample(3, generator=generator(26)), loaded.sample(3, generator=generator(26))
+    )
     # the structure's options (rank, oversample, tol, max_passes) survive
     assert loaded.config.structure.options() == la.config.structure.options()

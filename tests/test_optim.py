@@ -14,6 +14,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
+from helpers import generator
 from torch import Tensor, nn
 
 from laplacefim import Laplace
@@ -26,10 +27,6 @@ SOLVE_ATOL = 1e-11
 
 
 # --------------------------------------------------------------------------- helpers
-def _gen(seed: int = 20240611) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _data(n: int, d_in: int, n_out: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     x = torch.randn(n, d_in, generator=gen, dtype=DTYPE)
     y = torch.randint(0, n_out, (n,), generator=gen)
@@ -71,7 +68,7 @@ def _stat_tensors(ngd: NaturalGradient) -> list[Tensor]:
 def test_full_ggn_step_on_logistic_regression_is_the_newton_step():
     """One nn.Linear with softmax: the GGN is the Hessian, so lr=1 is one Newton step of
     Σ CE + ½ P₀ ‖θ‖² (the loss handed to the optimizer is the batch mean of that / N)."""
-    gen = _gen()
+    gen = generator(20240611)
     n, d_in, n_out, prior = 40, 4, 3, 0.7
     x, y = _data(n, d_in, n_out, gen)
     model = ref.init_(nn.Linear(d_in, n_out, dtype=DTYPE), gen)
@@ -104,7 +101,7 @@ def test_full_ggn_step_on_logistic_regression_is_the_newton_step():
 def test_preconditioned_gradient_is_a_dense_solve(structure: str):
     """diag: (diag(F̄) + s) d = g; kron: (KFAC(F̄) + s I) d = g, s = (P₀ + λ)/N, with F̄ the
     brute-force per-datum curvature of the batch (the first update sets the average)."""
-    gen = _gen(1)
+    gen = generator(1)
     n, n_out, prior, damping = 24, 3, 0.5, 0.3
     model = ref.mlp(n_out, gen, d_in=4, hidden=5)
     x, y = _data(n, 4, n_out, gen)
@@ -129,7 +126,7 @@ def test_preconditioned_gradient_is_a_dense_solve(structure: str):
 
 
 def test_full_structure_on_an_mlp_is_the_dense_ggn_solve():
-    gen = _gen(2)
+    gen = generator(2)
     n, n_out = 30, 3
     model = ref.mlp(n_out, gen, d_in=3, hidden=4)
     x, y = _data(n, 3, n_out, gen)
@@ -183,7 +180,7 @@ def test_natural_gradient_step_is_invariant_to_rescaling_inputs():
     """Rescaling the first layer's inputs by c (weights by 1/c) is a linear
     reparametrisation θ' = Sθ; the full-Fisher step transforms as δθ' = S δθ, so the
     change of the outputs is the same. Plain SGD's step transforms as S⁻ᵀ and is not."""
-    gen = _gen(3)
+    gen = generator(3)
     n, c, lr = 60, 10.0, 1e-3
     model = _two_layer(gen)
     x, y = _data(n, 3, 3, gen)
@@ -210,7 +207,7 @@ def _batches(gen: torch.Generator, k: int, n: int = 8) -> list[tuple[Tensor, Ten
 
 
 def test_ema_of_per_datum_diagonal_statistics():
-    gen = _gen(4)
+    gen = generator(4)
     model = ref.mlp(3, gen)
     names = _names(model)
     decay = 0.7
@@ -230,7 +227,7 @@ def test_ema_of_per_datum_diagonal_statistics():
 
 def test_ema_of_kronecker_factors_and_callable_decay():
     """KFAC keeps a moving average of each factor (and of the per-datum row count)."""
-    gen = _gen(5)
+    gen = generator(5)
     model = ref.mlp(3, gen)
     decays = {1: 0.5, 2: 0.9}
     ngd = NaturalGradient(
@@ -254,7 +251,7 @@ def test_ema_of_kronecker_factors_and_callable_decay():
 
 
 def test_update_and_decompose_intervals():
-    gen = _gen(6)
+    gen = generator(6)
     model = ref.mlp(3, gen)
     ngd = NaturalGradient(
         model,
@@ -286,7 +283,7 @@ def test_update_and_decompose_intervals():
 )
 def test_direction_uses_the_last_decomposition_between_decompositions(structure: str):
     """Statistics refreshed at step 1 are not used until the next decomposition."""
-    gen = _gen(7)
+    gen = generator(7)
     model = ref.mlp(3, gen)
     names = _names(model)
     n_data, damping = 50, 0.4
@@ -312,7 +309,7 @@ def test_direction_uses_the_last_decomposition_between_decompositions(structure:
 
 
 def test_schedules_are_called_with_the_step():
-    gen = _gen(8)
+    gen = generator(8)
     model = ref.mlp(3, gen)
     n_data = 20
     lrs, dampings = [], []
@@ -350,7 +347,7 @@ def test_schedules_are_called_with_the_step():
 
 
 def test_kl_clip_scales_the_step():
-    gen = _gen(9)
+    gen = generator(9)
     model = ref.mlp(3, gen)
     x, y = _data(12, 4, 3, gen)
     lr, kl_clip = 0.5, 1e-6
@@ -388,7 +385,7 @@ def test_kl_clip_scales_the_step():
     ],
 )
 def test_state_dict_round_trip_reproduces_the_next_step(structure: str, decompose_interval: int):
-    gen = _gen(10)
+    gen = generator(10)
     model = ref.mlp(3, gen)
     batches = _batches(gen, 4)
     options = dict(
@@ -416,7 +413,7 @@ def test_state_dict_round_trip_reproduces_the_next_step(structure: str, decompos
 
 # --------------------------------------------------------------------------- bad input
 def test_nonfinite_gradients_skip_leaves_statistics_unchanged():
-    gen = _gen(11)
+    gen = generator(11)
     model = ref.mlp(3, gen)
     x, y = _data(10, 4, 3, gen)
     ngd = NaturalGradient(model, n_data=10, structure="kron", curvature="ggn", lr=0.1)
@@ -436,7 +433,7 @@ def test_nonfinite_gradients_skip_leaves_statistics_unchanged():
 
 
 def test_nonfinite_gradients_raise():
-    gen = _gen(12)
+    gen = generator(12)
     model = ref.mlp(3, gen)
     x, y = _data(10, 4, 3, gen)
     ngd = NaturalGradient(model, n_data=10, structure="diag", nonfinite="raise")
@@ -447,7 +444,7 @@ def test_nonfinite_gradients_raise():
 
 
 def test_optimizer_missing_parameters_is_refused():
-    gen = _gen(13)
+    gen = generator(13)
     model = ref.mlp(3, gen)
     opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"2\.weight"):
@@ -458,7 +455,7 @@ def test_optimizer_missing_parameters_is_refused():
 
 def test_precondition_then_optimizer_step():
     """Used with a torch optimizer: SGD(lr) after precondition equals step() with lr."""
-    gen = _gen(14)
+    gen = generator(14)
     model = ref.mlp(3, gen)
     twin = copy.deepcopy(model)
     x, y = _data(10, 4, 3, gen)
@@ -476,7 +473,7 @@ def test_precondition_then_optimizer_step():
 
 
 def test_state_of_another_model_or_structure_is_refused():
-    gen = _gen(15)
+    gen = generator(15)
     model = ref.mlp(3, gen)
     x, y = _data(10, 4, 3, gen)
     ngd = NaturalGradient(model, n_data=10, structure="kron", curvature="ggn")
@@ -507,7 +504,7 @@ def test_state_of_another_model_or_structure_is_refused():
     ],
 )
 def test_unknown_options_list_valid_values(option: str, value: str, valid: list[str]):
-    model = ref.mlp(3, _gen(16))
+    model = ref.mlp(3, generator(16))
     with pytest.raises(ValueError) as err:
         NaturalGradient(model, n_data=10, **{option: value})
     for v in valid:
@@ -528,14 +525,14 @@ def test_unknown_options_list_valid_values(option: str, value: str, valid: list[
     ],
 )
 def test_bad_hyperparameters_are_refused(options: dict):
-    model = ref.mlp(3, _gen(17))
+    model = ref.mlp(3, generator(17))
     kwargs = {"n_data": 10, **options}
     with pytest.raises(ValueError):
         NaturalGradient(model, **kwargs)
 
 
 def test_step_without_lr_and_undefined_steps():
-    gen = _gen(18)
+    gen = generator(18)
     model = ref.mlp(3, gen)
     x, y = _data(10, 4, 3, gen)
     ngd = NaturalGradient(model, n_data=10)
@@ -559,7 +556,7 @@ def _map_objective(model: nn.Module, x: Tensor, y: Tensor, prior: float) -> floa
 
 
 def _small_problem(seed: int):
-    gen = _gen(seed)
+    gen = generator(seed)
     n, d_in, n_out = 64, 4, 3
     x = torch.randn(n, d_in, generator=gen, dtype=DTYPE)
     w = torch.randn(d_in, n_out, generator=gen, dtype=DTYPE)

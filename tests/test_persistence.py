@@ -8,7 +8,7 @@ import os
 import pytest
 import reference as ref
 import torch
-from helpers import STRUCTURE_CASES
+from helpers import STRUCTURE_CASES, generator
 from torch import Tensor, nn
 
 laplacefim = pytest.importorskip("laplacefim")
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.skipif(
 
 DTYPE = torch.float64
 N_OUT = {"classification": 3, "regression": 2, "binary": 1}
-
-
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
 
 
 class SmallCNN(nn.Module):
@@ -42,7 +36,7 @@ class SmallCNN(nn.Module):
 
 
 def _problem(likelihood: str, arch: str = "mlp", seed: int = 0):
-    g = _gen(500 + seed)
+    g = generator(500 + seed)
     n_out = N_OUT[likelihood]
     if arch == "mlp":
         model = ref.mlp(n_out, g, d_in=4, hidden=5)
@@ -81,8 +75,10 @@ def _assert_same(la, other, x_test: Tensor) -> None:
     assert torch.equal(other.sigma_noise, la.sigma_noise)
     assert torch.equal(other.posterior_precision.to_dense(), la.posterior_precision.to_dense())
     for link in ("probit", "mc") if la.likelihood != "regression" else ("probit",):
-        a = la.predict(x_test, link=link, generator=_gen(1), n_samples=16, joint_outputs=True)
-        b = other.predict(x_test, link=link, generator=_gen(1), n_samples=16, joint_outputs=True)
+        a = la.predict(x_test, link=link, generator=generator(1), n_samples=16, joint_outputs=True)
+        b = other.predict(
+            x_test, link=link, generator=generator(1), n_samples=16, joint_outputs=True
+        )
         for field in (
             "probs",
             "logit_mean",
@@ -96,7 +92,9 @@ def _assert_same(la, other, x_test: Tensor) -> None:
             assert (va is None) == (vb is None), field
             if va is not None:
                 assert torch.equal(va, vb), field
-    assert torch.equal(la.sample(5, generator=_gen(2)), other.sample(5, generator=_gen(2)))
+    assert torch.equal(
+        la.sample(5, generator=generator(2)), other.sample(5, generator=generator(2))
+    )
     assert torch.equal(la.log_marginal_likelihood(), other.log_marginal_likelihood())
 
 
@@ -283,7 +281,7 @@ def test_refuses_other_subset(case):
 def test_refuses_a_model_with_other_shapes():
     for structure in STRUCTURE_CASES:
         la, _, _ = _fitted("classification", structure)  # 4 → 5 → 3: 43 parameters
-        g = _gen(99)
+        g = generator(99)
         wider = ref.mlp(3, g, d_in=4, hidden=6)  # same names, other shapes and P
         x_wide = torch.randn(4, 4, generator=g, dtype=DTYPE)
         _check_refused(la, Laplace(wider, "classification", structure=structure), x_wide, "shape")
@@ -293,7 +291,7 @@ def test_refuses_a_model_with_other_shapes():
 def test_refuses_a_model_with_other_shapes_but_the_same_size(structure):
     # 6 → 4 → 3 has the same names and the same 43 parameters as 4 → 5 → 3
     la, _, _ = _fitted("classification", structure)
-    g = _gen(98)
+    g = generator(98)
     other_model = ref.mlp(3, g, d_in=6, hidden=4)
     assert sum(p.numel() for p in other_model.parameters()) == la.n_params
     with pytest.raises(ValueError, match="shape"):
@@ -304,7 +302,7 @@ def test_load_file_into_other_model_is_refused(tmp_path):
     la, _, _ = _fitted("classification", "kron")
     path = tmp_path / "la.pt"
     la.save(path)
-    wider = ref.mlp(3, _gen(97), d_in=4, hidden=6)
+    wider = ref.mlp(3, generator(97), d_in=4, hidden=6)
     with pytest.raises(ValueError, match="shape"):
         Laplace.load(path, wider)
 

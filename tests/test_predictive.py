@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from helpers import STRUCTURE_CASES, assert_close
+from helpers import STRUCTURE_CASES, assert_close, generator
 from torch import Tensor, nn
 from torch.func import vmap
 
@@ -60,12 +60,6 @@ PROBIT_TOL = 0.08
 BRIDGE_TOL = 0.3
 
 
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
 # --------------------------------------------------------------------------------------
 # models and problems
 # --------------------------------------------------------------------------------------
@@ -85,7 +79,7 @@ class SmallCNN(nn.Module):
 
 
 def _problem(arch: str, likelihood: str, seed: int, n: int = 8, n_test: int = 5):
-    g = _gen(1000 + seed)
+    g = generator(1000 + seed)
     n_out = N_OUT[likelihood]
     if arch == "mlp":
         model = ref.mlp(n_out, g, d_in=4, hidden=5)
@@ -112,10 +106,6 @@ def _glm_reference(la, model: nn.Module, names: list[str], x_test: Tensor):
     jac = ref.jacobian(model, names, x_test)
     cov = torch.einsum("bcp,pq,bdq->bcd", jac, sigma, jac)
     return ref.outputs(model, x_test), sigma, jac, cov
-
-
-def _close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    assert_close(actual, expected, rtol)
 
 
 def _fit(model, x, y, likelihood, *, structure="full", subset="all", batch=5, **options):
@@ -161,21 +151,21 @@ def test_glm_covariance_matches_dense_jacobian(arch, structure, subset, case):
     for pred in (chunked, whole):
         if likelihood == "binary":
             assert pred.logit_mean.shape == (len(x_test),)
-            _close(pred.logit_mean, mean[:, 0])
-            _close(pred.logit_var, var[:, 0])
+            assert_close(pred.logit_mean, mean[:, 0], RTOL)
+            assert_close(pred.logit_var, var[:, 0], RTOL)
         elif likelihood == "classification":
-            _close(pred.logit_mean, mean)
-            _close(pred.logit_var, var)
-            _close(pred.logit_cov, cov)
+            assert_close(pred.logit_mean, mean, RTOL)
+            assert_close(pred.logit_var, var, RTOL)
+            assert_close(pred.logit_cov, cov, RTOL)
         else:
-            _close(pred.mean, mean)
-            _close(pred.epistemic_var, var)
-            _close(pred.logit_cov, cov)
+            assert_close(pred.mean, mean, RTOL)
+            assert_close(pred.epistemic_var, var, RTOL)
+            assert_close(pred.logit_cov, cov, RTOL)
     for field in ("probs", "logit_mean", "logit_var", "logit_cov", "mean", "epistemic_var", "var"):
         a, b = getattr(chunked, field), getattr(whole, field)
         assert (a is None) == (b is None), field
         if a is not None:
-            _close(a, b, rtol=CHUNK_RTOL)
+            assert_close(a, b, CHUNK_RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -184,7 +174,7 @@ def test_glm_covariance_matches_dense_jacobian(arch, structure, subset, case):
 @pytest.fixture(scope="module")
 def classifier():
     """An MLP classifier with moderate logit variances (0.4 to 3.5) and its dense GLM."""
-    g = _gen(0)
+    g = generator(0)
     model = ref.mlp(3, g, d_in=4, hidden=5)
     x = torch.randn(40, 4, generator=g, dtype=DTYPE)
     y = ref.targets("classification", 40, 3, g)
@@ -198,7 +188,7 @@ def classifier():
 def _mc_softmax(mean: Tensor, cov: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
     """Monte-Carlo E softmax(z), z ~ N(mean, cov) per input, and its standard error."""
     chol = torch.linalg.cholesky(cov)
-    z = torch.randn(n, *mean.shape, generator=_gen(seed), dtype=DTYPE)
+    z = torch.randn(n, *mean.shape, generator=generator(seed), dtype=DTYPE)
     probs = (mean + torch.einsum("bcd,sbd->sbc", chol, z)).softmax(-1)
     return probs.mean(0), probs.std(0) / math.sqrt(n)
 
@@ -208,12 +198,13 @@ def test_probit_formula(classifier):
     var = cov.diagonal(dim1=-2, dim2=-1)
     expected = torch.softmax(mean / torch.sqrt(1 + math.pi * var / 8), dim=-1)
     pred = la.predict(classifier["x_test"], link="probit")
-    _close(pred.probs, expected)
+    assert_close(pred.probs, expected, RTOL)
     # la(x) is la.predict(x)
-    _close(la(classifier["x_test"]).probs, expected)
-    _close(
+    assert_close(la(classifier["x_test"]).probs, expected, RTOL)
+    assert_close(
         la(classifier["x_test"], link="bridge").probs,
         la.predict(classifier["x_test"], link="bridge").probs,
+        RTOL,
     )
 
 
@@ -230,7 +221,7 @@ def test_probit_and_bridge_against_integral(classifier):
     for probs in (probit, bridge):
         assert probs.shape == mean.shape
         assert bool((probs > 0).all())
-        _close(probs.sum(-1), torch.ones(len(x_test), dtype=DTYPE), rtol=1e-12)
+        assert_close(probs.sum(-1), torch.ones(len(x_test), dtype=DTYPE), 1e-12)
     assert float((probit - integral).abs().max()) < PROBIT_TOL
     assert float((bridge - integral).abs().max()) < BRIDGE_TOL
     # the plug-in softmax(μ) ignores the uncertainty; the probit must do better than it
@@ -245,7 +236,7 @@ def test_bridge_formula(classifier):
     # Hobbhahn et al. (2022): α_c = (1 − 2/K + e^{μ_c} Σ_l e^{−μ_l} / K²) / σ_c²
     alpha = (1 - 2 / k + mean.exp() * (-mean).exp().sum(-1, keepdim=True) / k**2) / var
     expected = alpha / alpha.sum(-1, keepdim=True)
-    _close(la.predict(classifier["x_test"], link="bridge").probs, expected)
+    assert_close(la.predict(classifier["x_test"], link="bridge").probs, expected, RTOL)
 
 
 def test_mc_link_reproducible_and_close_to_integral(classifier):
@@ -256,9 +247,9 @@ def test_mc_link_reproducible_and_close_to_integral(classifier):
         classifier["x_test"],
     )
     n = 4000
-    first = la.predict(x_test, link="mc", n_samples=n, generator=_gen(5)).probs
-    again = la.predict(x_test, link="mc", n_samples=n, generator=_gen(5)).probs
-    other = la.predict(x_test, link="mc", n_samples=n, generator=_gen(6)).probs
+    first = la.predict(x_test, link="mc", n_samples=n, generator=generator(5)).probs
+    again = la.predict(x_test, link="mc", n_samples=n, generator=generator(5)).probs
+    other = la.predict(x_test, link="mc", n_samples=n, generator=generator(6)).probs
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     integral, stderr_ref = _mc_softmax(mean, cov, 100_000, seed=12)
@@ -268,12 +259,12 @@ def test_mc_link_reproducible_and_close_to_integral(classifier):
     assert bool(((first - integral).abs() <= tol).all()), float(
         ((first - integral).abs() / tol).max()
     )
-    _close(first.sum(-1), torch.ones(len(x_test), dtype=DTYPE), rtol=1e-12)
+    assert_close(first.sum(-1), torch.ones(len(x_test), dtype=DTYPE), 1e-12)
 
 
 @pytest.fixture(scope="module")
 def binary():
-    g = _gen(3)
+    g = generator(3)
     model = ref.mlp(1, g, d_in=4, hidden=5)
     x = torch.randn(12, 4, generator=g, dtype=DTYPE)
     y = ref.targets("binary", 12, 1, g)
@@ -287,7 +278,7 @@ def test_binary_probit(binary):
     la, mean, var, x_test = binary["la"], binary["mean"], binary["var"], binary["x_test"]
     pred = la.predict(x_test, link="probit")
     assert pred.probs.shape == (len(x_test),)
-    _close(pred.probs, torch.sigmoid(mean / torch.sqrt(1 + math.pi * var / 8)))
+    assert_close(pred.probs, torch.sigmoid(mean / torch.sqrt(1 + math.pi * var / 8)), RTOL)
     # Gauss-Hermite (probabilists') quadrature of E σ(z), z ~ N(mean, var): exact to ~1e-15
     nodes, weights = (torch.from_numpy(a) for a in np.polynomial.hermite_e.hermegauss(120))
     integral = (torch.sigmoid(mean[:, None] + var.sqrt()[:, None] * nodes) * weights).sum(-1)
@@ -295,7 +286,7 @@ def test_binary_probit(binary):
     assert float((pred.probs - integral).abs().max()) < PROBIT_BINARY_TOL
     # the MC link integrates the same Gaussian
     n = 20_000
-    mc = la.predict(x_test, link="mc", n_samples=n, generator=_gen(8)).probs
+    mc = la.predict(x_test, link="mc", n_samples=n, generator=generator(8)).probs
     assert float((mc - integral).abs().max()) < MC_Z * 0.5 / math.sqrt(n)
 
 
@@ -314,10 +305,10 @@ def test_regression_prediction(structure, sigma):
     pred = la.predict(x_test)
     epistemic = cov.diagonal(dim1=-2, dim2=-1)
     aleatoric = (sigma_t**2).expand_as(mean)
-    _close(pred.mean, mean)
-    _close(pred.epistemic_var, epistemic)
+    assert_close(pred.mean, mean, RTOL)
+    assert_close(pred.epistemic_var, epistemic, RTOL)
     torch.testing.assert_close(pred.aleatoric_var, aleatoric, rtol=1e-15, atol=0)
-    _close(pred.var, epistemic + aleatoric)
+    assert_close(pred.var, epistemic + aleatoric, RTOL)
     assert pred.probs is None and pred.logit_cov is None  # joint_outputs defaults to False
 
 
@@ -333,7 +324,7 @@ def _entrywise_cov_tol(cov: Tensor, n: int) -> Tensor:
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_nn_sampling_exact_for_a_linear_model(likelihood):
     """For one Linear layer the model is linear in θ: NN samples are N(f, J Σ Jᵀ) exactly."""
-    g = _gen(21)
+    g = generator(21)
     n_out = N_OUT[likelihood]
     model = ref.init_(nn.Linear(3, n_out, dtype=DTYPE), g)
     x = torch.randn(6, 3, generator=g, dtype=DTYPE)
@@ -342,15 +333,15 @@ def test_nn_sampling_exact_for_a_linear_model(likelihood):
     x_test = torch.randn(4, 3, generator=g, dtype=DTYPE)
     mean, _, _, cov = _glm_reference(la, model, ref.trainable_names(model), x_test)
     n = 4000
-    pred = la.predict(x_test, method="nn", n_samples=n, generator=_gen(22), joint_outputs=True)
+    pred = la.predict(x_test, method="nn", n_samples=n, generator=generator(22), joint_outputs=True)
     var = cov.diagonal(dim1=-2, dim2=-1)
     mean_nn = pred.logit_mean if likelihood == "classification" else pred.mean
     var_nn = pred.logit_var if likelihood == "classification" else pred.epistemic_var
     assert bool(((mean_nn - mean).abs() <= MC_Z * (var / n).sqrt()).all())
     assert bool(((pred.logit_cov - cov).abs() <= _entrywise_cov_tol(cov, n)).all())
-    _close(var_nn, pred.logit_cov.diagonal(dim1=-2, dim2=-1), rtol=1e-12)
+    assert_close(var_nn, pred.logit_cov.diagonal(dim1=-2, dim2=-1), 1e-12)
     if likelihood == "regression":
-        _close(pred.var, var_nn + 1.0)
+        assert_close(pred.var, var_nn + 1.0, RTOL)
         assert torch.equal(pred.aleatoric_var, torch.ones_like(mean))
 
 
@@ -363,8 +354,8 @@ def test_nn_sampling_matches_own_weight_draws():
     out_before = ref.outputs(model, x_test)
 
     n, n_ref = 2000, 40_000
-    pred = la.predict(x_test, method="nn", n_samples=n, generator=_gen(31))
-    again = la.predict(x_test, method="nn", n_samples=n, generator=_gen(31))
+    pred = la.predict(x_test, method="nn", n_samples=n, generator=generator(31))
+    again = la.predict(x_test, method="nn", n_samples=n, generator=generator(31))
     assert torch.equal(pred.probs, again.probs)
     # the model is left exactly as it was
     for k, v in model.state_dict().items():
@@ -374,7 +365,7 @@ def test_nn_sampling_matches_own_weight_draws():
     sigma = torch.linalg.inv(la.posterior_precision.to_dense())
     chol = torch.linalg.cholesky(0.5 * (sigma + sigma.T))
     theta = ref.flat_params(model, names)
-    draws = theta + torch.randn(n_ref, theta.numel(), generator=_gen(32), dtype=DTYPE) @ chol.T
+    draws = theta + torch.randn(n_ref, theta.numel(), generator=generator(32), dtype=DTYPE) @ chol.T
     f = ref.functional(model, names)
     logits = vmap(lambda t: f(t, x_test))(draws)  # (S, B, C)
     probs = logits.softmax(-1)
@@ -395,9 +386,9 @@ def test_weight_samples_have_the_posterior_moments(structure):
     la = _fit(model, x, y, "classification", structure=structure, prior_precision=0.7)
     sigma = torch.linalg.inv(la.posterior_precision.to_dense())
     n = 20_000
-    samples = la.sample(n, generator=_gen(41))
+    samples = la.sample(n, generator=generator(41))
     assert samples.shape == (n, la.n_params)
-    assert torch.equal(samples, la.sample(n, generator=_gen(41)))
+    assert torch.equal(samples, la.sample(n, generator=generator(41)))
     theta = ref.flat_params(model, ref.trainable_names(model))
     assert torch.equal(la.mean, theta)
     var = sigma.diagonal()
@@ -412,7 +403,7 @@ def test_predictive_samples_joint_covariance(structure, subset):
     la = _fit(
         model, x, y, "classification", structure=structure, subset=subset, prior_precision=0.5
     )
-    g = _gen(18)
+    g = generator(18)
     x_test = torch.randn(3, 4, generator=g, dtype=DTYPE)
     names = _expected_names(model, subset, x)
     mean, sigma, jac, _ = _glm_reference(la, model, names, x_test)
@@ -421,9 +412,9 @@ def test_predictive_samples_joint_covariance(structure, subset):
     joint = jac_flat @ sigma @ jac_flat.T  # (B·C, B·C): J(x) Σ J(x')ᵀ for every pair
 
     n = 2000
-    samples = la.predictive_samples(x_test, n, generator=_gen(51))
+    samples = la.predictive_samples(x_test, n, generator=generator(51))
     assert samples.shape == (n, b, c)
-    assert torch.equal(samples, la.predictive_samples(x_test, n, generator=_gen(51)))
+    assert torch.equal(samples, la.predictive_samples(x_test, n, generator=generator(51)))
     flat = samples.reshape(n, b * c)
     diag = joint.diagonal()
     assert bool(((flat.mean(0) - mean.reshape(-1)).abs() <= MC_Z * (diag / n).sqrt()).all())
@@ -443,10 +434,10 @@ def test_predictive_samples_joint_covariance(structure, subset):
 def test_predictive_samples_chunking():
     model, x, y, x_test = _problem("mlp", "regression", seed=19)
     la = _fit(model, x, y, "regression", structure="diag", prior_precision=0.5)
-    a = la.predictive_samples(x_test, 24, generator=_gen(3), chunk_size=2)
-    b = la.predictive_samples(x_test, 24, generator=_gen(3), chunk_size=256)
+    a = la.predictive_samples(x_test, 24, generator=generator(3), chunk_size=2)
+    b = la.predictive_samples(x_test, 24, generator=generator(3), chunk_size=256)
     assert a.shape == (24, len(x_test), 2)
-    _close(a, b, rtol=CHUNK_RTOL)
+    assert_close(a, b, CHUNK_RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -484,14 +475,14 @@ def test_posterior_distribution(structure):
 
     assert post.event_shape == (p,) and post.batch_shape == ()
     torch.testing.assert_close(post.mean, theta, rtol=0, atol=0)
-    _close(post.variance, covariance.diagonal())
-    points = theta + 0.3 * torch.randn(4, p, generator=_gen(61), dtype=DTYPE)
+    assert_close(post.variance, covariance.diagonal(), RTOL)
+    points = theta + 0.3 * torch.randn(4, p, generator=generator(61), dtype=DTYPE)
     points = torch.cat([theta[None], points])
-    _close(post.log_prob(points), oracle.log_prob(points))
-    _close(post.entropy(), oracle.entropy())
+    assert_close(post.log_prob(points), oracle.log_prob(points), RTOL)
+    assert_close(post.entropy(), oracle.entropy(), RTOL)
     if structure != "diag":
-        _close(post.covariance_matrix, covariance)
-        _close(post.precision_matrix, precision)
+        assert_close(post.covariance_matrix, covariance, RTOL)
+        assert_close(post.precision_matrix, precision, RTOL)
     else:
         assert bool((precision - torch.diag(precision.diagonal()) == 0).all())
 
@@ -563,7 +554,7 @@ def test_bridge_with_binary_is_refused(binary):
 def test_zero_prior_with_singular_curvature(structure):
     # 3 data through a 4-5-3 MLP: 43 parameters, GGN rank <= 3·2. Input feature 0 is always
     # zero, so the weights reading it have exactly zero curvature even on the diagonal.
-    g = _gen(37)
+    g = generator(37)
     model = ref.mlp(3, g, d_in=4, hidden=5)
     x = torch.randn(3, 4, generator=g, dtype=DTYPE)
     x[:, 0] = 0.0

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import assert_close, generator
 from torch import Tensor
 from torch.func import grad, hessian, jacrev, vmap
 
@@ -79,28 +80,8 @@ NO_NOISE = (1.0,)
 REGRESSION_NOISES = (1.0, 0.7, (0.5, 1.3))
 
 
-def _gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
 def _noise(value: float | tuple[float, ...]) -> Tensor:
     return torch.tensor(value, dtype=DTYPE)
-
-
-def assert_close(actual: Tensor, expected: Tensor, rtol: float = EXACT_RTOL, atol: float = 0.0):
-    """Entrywise ``|a − e| <= atol + rtol·(|e| + max|e|)``, with the worst entry reported."""
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    actual, expected = actual.to(DTYPE), expected.to(DTYPE)
-    scale = expected.abs().max().clamp_min(1e-300)
-    err = (actual - expected).abs()
-    bound = atol + rtol * (expected.abs() + scale)
-    bad = err > bound
-    assert not bad.any(), (
-        f"max abs error {err.max():.3e} (scale {scale:.3e}); first bad entries at "
-        f"{bad.nonzero()[:5].tolist()}"
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -473,7 +454,7 @@ REGRESSION = [name for name in NAMES if CASES[name].task == "regression"]
 def _problem(name: str, seed: int = 0) -> tuple[Case, Tensor, Tensor, Tensor]:
     """Outputs ``f (B, C)``, raw targets and the likelihood's working targets."""
     case = CASES[name]
-    g = _gen(4000 + 17 * NAMES.index(name) + seed)
+    g = generator(4000 + 17 * NAMES.index(name) + seed)
     f = torch.randn(N_BATCH, case.n_out, generator=g, dtype=DTYPE)
     y = case.draw_targets(f, g)
     targets = case.likelihood.targets(f, y)
@@ -535,7 +516,7 @@ def test_reference_natural_parametrisation_is_consistent(parametrisation):
     one = _noise(1.0)
     nll_f = vmap(case.nll, in_dims=(0, 0, None))(f, y, one)
     nll_eta = vmap(nll_natural)(vmap(lambda fn: natural(fn, parametrisation))(f), y)
-    assert_close(nll_eta, nll_f)
+    assert_close(nll_eta, nll_f, EXACT_RTOL)
     # H_η = Cov[T(y)] with T(y) = (y, y²), per output, by quadrature
     weights, labels = case.law(f, one)
     stats = torch.stack([labels, labels.square()], -1)  # (B, M, K, 2)
@@ -548,11 +529,11 @@ def test_reference_natural_parametrisation_is_consistent(parametrisation):
     for i in range(2):
         for j in range(2):
             block = h_eta[:, i * N_TARGETS + idx, j * N_TARGETS + idx]
-            assert_close(block, cov_t[..., i, j], atol=EXACT_ATOL)
+            assert_close(block, cov_t[..., i, j], EXACT_RTOL, atol=EXACT_ATOL)
     if parametrisation == "log_var":
         sigma2 = f[:, N_TARGETS:].exp()
         closed = torch.diag_embed(torch.cat([1 / sigma2, torch.full_like(sigma2, 0.5)], 1))
-        assert_close(reference_middle(case, f, y, one), closed)
+        assert_close(reference_middle(case, f, y, one), closed, EXACT_RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -564,7 +545,9 @@ def test_hessian_sqrt_columns_square_to_the_reference_middle(name):
     for noise in _noises(case):
         columns = case.likelihood.hessian_sqrt(f, noise)
         assert columns.ndim == 3 and columns.shape[1:] == f.shape
-        assert_close(columns_outer(columns), reference_middle(case, f, y, noise), atol=EXACT_ATOL)
+        assert_close(
+            columns_outer(columns), reference_middle(case, f, y, noise), EXACT_RTOL, atol=EXACT_ATOL
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -574,8 +557,10 @@ def test_middle_matrix_is_the_fisher(name):
     case, f, y, _ = _problem(name)
     for noise in _noises(case):
         fisher, _ = fisher_by_law(case, f, noise)
-        assert_close(fisher, reference_middle(case, f, y, noise), atol=EXACT_ATOL)
-        assert_close(columns_outer(case.likelihood.hessian_sqrt(f, noise)), fisher, atol=1e-12)
+        assert_close(fisher, reference_middle(case, f, y, noise), EXACT_RTOL, atol=EXACT_ATOL)
+        assert_close(
+            columns_outer(case.likelihood.hessian_sqrt(f, noise)), fisher, EXACT_RTOL, atol=1e-12
+        )
 
 
 def test_heteroscedastic_loss_hessian_differs_from_its_ggn():
@@ -595,14 +580,16 @@ def test_gradient_at_the_true_targets(name):
     case, f, y, values = _problem(name)
     for noise in _noises(case):
         expected = vmap(grad(case.nll), in_dims=(0, 0, None))(f, y, noise)
-        assert_close(case.likelihood.gradient(f, values, noise), expected[None], atol=EXACT_ATOL)
+        assert_close(
+            case.likelihood.gradient(f, values, noise), expected[None], EXACT_RTOL, atol=EXACT_ATOL
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sampled_gradients_average_to_the_fisher(name):
     case, f, _, _ = _problem(name)
     for i, noise in enumerate(_noises(case)):
-        samples = case.likelihood.sampled_gradients(f, noise, MC_SAMPLES, _gen(70 + i))
+        samples = case.likelihood.sampled_gradients(f, noise, MC_SAMPLES, generator(70 + i))
         assert samples.shape == (MC_SAMPLES, *f.shape)
         fisher, variance = fisher_by_law(case, f, noise)
         err = (columns_outer(samples) - fisher).abs()
@@ -618,9 +605,9 @@ def test_sampled_gradients_average_to_the_fisher(name):
 def test_sampled_gradients_follow_the_generator(name):
     case, f, _, _ = _problem(name)
     noise = _noises(case)[-1]
-    first = case.likelihood.sampled_gradients(f, noise, 7, _gen(1))
-    again = case.likelihood.sampled_gradients(f, noise, 7, _gen(1))
-    other = case.likelihood.sampled_gradients(f, noise, 7, _gen(2))
+    first = case.likelihood.sampled_gradients(f, noise, 7, generator(1))
+    again = case.likelihood.sampled_gradients(f, noise, 7, generator(1))
+    other = case.likelihood.sampled_gradients(f, noise, 7, generator(2))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
@@ -640,12 +627,12 @@ def test_curvature_scale_follows_the_noise(name):
         return
     middles = {
         CurvatureKind.GGN: lambda s: columns_outer(lik.hessian_sqrt(f, s)),
-        CurvatureKind.FISHER: lambda s: columns_outer(lik.sampled_gradients(f, s, 5, _gen(3))),
+        CurvatureKind.FISHER: lambda s: columns_outer(lik.sampled_gradients(f, s, 5, generator(3))),
         CurvatureKind.EMPIRICAL_FISHER: lambda s: columns_outer(lik.gradient(f, values, s)),
     }
     for kind, middle in middles.items():
         scale = lik.curvature_scale(kind, fit, new)
-        assert_close(scale * middle(fit), middle(new))
+        assert_close(scale * middle(fit), middle(new), EXACT_RTOL)
     # a per-output noise is part of the fitted curvature: it may not change after the fit
     per_output = _noise((0.5, 1.3))
     assert float(lik.curvature_scale(CurvatureKind.GGN, per_output, per_output)) == 1.0
@@ -662,17 +649,17 @@ def test_log_likelihood_from_loss_stats(name):
     lik = case.likelihood
     stats = lik.loss_stats(f, values)
     halves = lik.loss_stats(f[:2], values[:2]) + lik.loss_stats(f[2:], values[2:])
-    assert_close(halves, stats)  # sum-reducible over batches
+    assert_close(halves, stats, EXACT_RTOL)  # sum-reducible over batches
     for noise in _noises(case):
         expected = -vmap(case.nll, in_dims=(0, 0, None))(f, y, noise).sum()
-        assert_close(lik.log_likelihood(stats, N_BATCH, noise), expected)
+        assert_close(lik.log_likelihood(stats, N_BATCH, noise), expected, EXACT_RTOL)
 
 
 # --------------------------------------------------------------------------------------
 # predictives
 # --------------------------------------------------------------------------------------
 def _output_gaussian(case: Case, seed: int) -> tuple[Tensor, Tensor]:
-    g = _gen(seed)
+    g = generator(seed)
     c = case.n_out
     mean = torch.randn(N_BATCH, c, generator=g, dtype=DTYPE)
     a = torch.randn(N_BATCH, c, c, generator=g, dtype=DTYPE)
@@ -683,7 +670,7 @@ def _output_gaussian(case: Case, seed: int) -> tuple[Tensor, Tensor]:
 def _reference_integral(case: Case, mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
     """MC integral of the mean prediction under ``N(mean, cov)`` and its per-sample variance."""
     chol = torch.linalg.cholesky(cov)
-    z = torch.randn(REFERENCE_MC_SAMPLES, *mean.shape, generator=_gen(99), dtype=DTYPE)
+    z = torch.randn(REFERENCE_MC_SAMPLES, *mean.shape, generator=generator(99), dtype=DTYPE)
     draws = mean + torch.einsum("bcd,sbd->sbc", chol, z)
     flat = case.mean_prediction(draws.reshape(-1, mean.shape[1]))  # (S·B, C) or (S·B,)
     values = flat.reshape(REFERENCE_MC_SAMPLES, *case.mean_prediction(mean).shape)
@@ -711,20 +698,20 @@ def test_classification_predictive_links(name):
         )
 
     for link in case.links:
-        pred = predict(link, _gen(5))
+        pred = predict(link, generator(5))
         squeeze = (lambda t: t[:, 0]) if case.n_out == 1 else (lambda t: t)
-        assert_close(pred.logit_mean, squeeze(mean))
-        assert_close(pred.logit_var, squeeze(var))
+        assert_close(pred.logit_mean, squeeze(mean), EXACT_RTOL)
+        assert_close(pred.logit_var, squeeze(var), EXACT_RTOL)
         if case.n_out > 1:
-            assert_close(pred.probs.sum(-1), torch.ones(N_BATCH, dtype=DTYPE))
+            assert_close(pred.probs.sum(-1), torch.ones(N_BATCH, dtype=DTYPE), EXACT_RTOL)
         if link is Link.MC:
             sd = (per_sample_var * (1 / LINK_MC_SAMPLES + 1 / REFERENCE_MC_SAMPLES)).sqrt()
             assert bool(((pred.probs - integral).abs() <= MC_Z * sd).all())
-            assert torch.equal(pred.probs, predict(link, _gen(5)).probs)
-            assert not torch.equal(pred.probs, predict(link, _gen(6)).probs)
+            assert torch.equal(pred.probs, predict(link, generator(5)).probs)
+            assert not torch.equal(pred.probs, predict(link, generator(6)).probs)
         elif link is Link.PROBIT:
             scaled = mean / torch.sqrt(1 + math.pi / 8 * var)
-            assert_close(pred.probs, case.mean_prediction(scaled))
+            assert_close(pred.probs, case.mean_prediction(scaled), EXACT_RTOL)
             error = (pred.probs - integral).abs()
             assert error.max() < case.probit_tol
             assert error.mean() < (case.mean_prediction(mean) - integral).abs().mean()
@@ -734,7 +721,7 @@ def test_classification_predictive_links(name):
             # as the variances vanish (for C > 2), so no tolerance would be principled.
             c = case.n_out
             alpha = (1 - 2 / c + mean.exp() * (-mean).exp().sum(-1, keepdim=True) / c**2) / var
-            assert_close(pred.probs, alpha / alpha.sum(-1, keepdim=True))
+            assert_close(pred.probs, alpha / alpha.sum(-1, keepdim=True), EXACT_RTOL)
     if Link.BRIDGE not in case.links:
         with pytest.raises(ValueError, match="bridge"):
             predict(Link.BRIDGE)
@@ -755,15 +742,15 @@ def test_regression_predictive_moments(name):
                     link=link,
                     noise=noise,
                     n_samples=10,
-                    generator=_gen(0),
+                    generator=generator(0),
                     joint_outputs=joint,
                 )
-                assert_close(pred.mean, mean_y)
-                assert_close(pred.epistemic_var, epistemic)
-                assert_close(pred.aleatoric_var, aleatoric, rtol=TRAPEZOID_RTOL)
-                assert_close(pred.var, epistemic + aleatoric, rtol=TRAPEZOID_RTOL)
+                assert_close(pred.mean, mean_y, EXACT_RTOL)
+                assert_close(pred.epistemic_var, epistemic, EXACT_RTOL)
+                assert_close(pred.aleatoric_var, aleatoric, TRAPEZOID_RTOL)
+                assert_close(pred.var, epistemic + aleatoric, TRAPEZOID_RTOL)
                 if joint:
-                    assert_close(pred.logit_cov, cov)
+                    assert_close(pred.logit_cov, cov, EXACT_RTOL)
                 else:
                     assert pred.logit_cov is None
 
@@ -771,17 +758,17 @@ def test_regression_predictive_moments(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_sampled_predictive_from_given_samples(name):
     case = CASES[name]
-    samples = 1.5 * torch.randn(40, N_BATCH, case.n_out, generator=_gen(13), dtype=DTYPE)
+    samples = 1.5 * torch.randn(40, N_BATCH, case.n_out, generator=generator(13), dtype=DTYPE)
     for noise in _noises(case):
         pred = case.likelihood.sampled_predictive(samples, noise=noise, joint_outputs=True)
         for field_name, expected in case.sampled(samples, noise).items():
-            assert_close(getattr(pred, field_name), expected)
+            assert_close(getattr(pred, field_name), expected, EXACT_RTOL)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_point_prediction(name):
     case, f, _, _ = _problem(name)
-    assert_close(case.likelihood.point_prediction(f), case.mean_prediction(f))
+    assert_close(case.likelihood.point_prediction(f), case.mean_prediction(f), EXACT_RTOL)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -797,12 +784,12 @@ def test_predictive_nll(name):
                 link=link,
                 noise=noise,
                 n_samples=100,
-                generator=_gen(0),
+                generator=generator(0),
                 joint_outputs=False,
             )
             nll = lik.predictive_nll(pred, y)
             assert nll.shape == () and nll.dtype == torch.float64
-            assert_close(nll, case.predictive_nll(pred, y))
+            assert_close(nll, case.predictive_nll(pred, y), EXACT_RTOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -813,7 +800,7 @@ def test_kl_against_quadrature(name):
     """``KL(p₁‖p₂) = E_{y~p₁}[ℓ(f₂, y) − ℓ(f₁, y)]``, the expectation by exact quadrature
     (enumeration for discrete targets; the integrand is quadratic for Gaussian ones)."""
     case, f1, _, _ = _problem(name)
-    f2 = f1 + 0.6 * torch.randn(f1.shape, generator=_gen(15), dtype=DTYPE)
+    f2 = f1 + 0.6 * torch.randn(f1.shape, generator=generator(15), dtype=DTYPE)
     lik = case.likelihood
     for noise in _noises(case):
         weights, labels = case.law(f1, noise)
@@ -823,9 +810,11 @@ def test_kl_against_quadrature(name):
         expected = (weights * (nll2 - nll1)).sum(1)
         kl = lik.kl(f1, f2, noise)
         assert kl.shape == (N_BATCH,)
-        assert_close(kl, expected, atol=EXACT_ATOL)
+        assert_close(kl, expected, EXACT_RTOL, atol=EXACT_ATOL)
         assert bool((expected > 0).all())
-        assert_close(lik.kl(f1, f1, noise), torch.zeros(N_BATCH, dtype=DTYPE), atol=1e-14)
+        assert_close(
+            lik.kl(f1, f1, noise), torch.zeros(N_BATCH, dtype=DTYPE), EXACT_RTOL, atol=1e-14
+        )
 
 
 # --------------------------------------------------------------------------------------
