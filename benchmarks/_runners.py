@@ -114,7 +114,11 @@ def variants(lib: str, cfg: Config, quick: bool = False) -> list[str]:
     if lib == "ours":
         return ["Laplace"]
     if cfg.structure == "ekfac":  # among the peers, only curvlinops has EKFAC
-        return [f"EKFACLinearOperator({_CURVLINOPS_KFAC[cfg.curvature]})"] if lib == "curvlinops" else []
+        return (
+            [f"EKFACLinearOperator({_CURVLINOPS_KFAC[cfg.curvature]})"]
+            if lib == "curvlinops"
+            else []
+        )
     if lib == "laplace":
         labels = [
             label
@@ -213,8 +217,8 @@ def _prepare_curvlinops(cfg: Config, model: nn.Sequential, loader: DataLoader) -
     loss_func = nn.CrossEntropyLoss(reduction="sum")
     n_data = len(loader.dataset)  # type: ignore[arg-type]
 
-    def fit_kron() -> object:
-        op = curvlinops.KFACLinearOperator(
+    def kronecker(cls_name: str) -> object:
+        op = getattr(curvlinops, cls_name)(
             net,
             loss_func,
             params,
@@ -226,28 +230,20 @@ def _prepare_curvlinops(cfg: Config, model: nn.Sequential, loader: DataLoader) -
             separate_weight_and_bias=True,
         )
         op.compute_kronecker_factors()
+        return op
+
+    def fit_kron() -> object:
+        return kronecker("KFACLinearOperator")
+
+    def fit_ekfac() -> object:
+        op = kronecker("EKFACLinearOperator")
+        op.compute_eigenvalue_correction()
         return op
 
     def fit_full() -> object:
         cls = getattr(curvlinops, _CURVLINOPS_FULL[cfg.curvature])
         op = cls(net, loss_func, params, data, check_deterministic=False, num_data=n_data)
         return op @ torch.eye(op.shape[1])
-
-    def fit_ekfac() -> object:
-        op = curvlinops.EKFACLinearOperator(
-            net,
-            loss_func,
-            params,
-            data,
-            fisher_type=_CURVLINOPS_KFAC[cfg.curvature],
-            mc_samples=1,
-            check_deterministic=False,
-            num_data=n_data,
-            separate_weight_and_bias=True,
-        )
-        op.compute_kronecker_factors()
-        op.compute_eigenvalue_correction()
-        return op
 
     if cfg.structure == "kron":
         return lambda: fit_kron
