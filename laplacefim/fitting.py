@@ -127,6 +127,7 @@ def _first_pass(
                     device,
                 )
                 curvature = BlockDiagonal(config.structure.build(plan))
+                del plan  # it holds this batch's segments
                 shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
                 zero = torch.zeros((), dtype=engine.dtype, device=device)
                 cache: list[SegmentMap] | None = None if config.structure.single_pass else []
@@ -141,6 +142,7 @@ def _first_pass(
         sums.loss_stats = loss_stats + sums.loss_stats if sums.n_data else loss_stats
         sums.n_data += rows.n_data
         flags.append(torch.stack([rows.bad_outputs, rows.bad_targets]))  # type: ignore[list-item]
+        del rows  # free this batch's inputs and gradients before the next forward pass
     if sums is None:
         raise ValueError(
             "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
@@ -177,6 +179,7 @@ def _next_pass(
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         rows = sums.engine.batch(x, y, generator)
         sums.curvature.add_(sums.curvature.statistics(rows.segments))
+        del rows
 
 
 def fit_curvature(

@@ -176,3 +176,37 @@ def _iris_model(x: torch.Tensor, y: torch.Tensor) -> nn.Module:
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     return model
+
+
+class _Residual(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        if self.inplace:
+            h += x  # changes the recorded output of self.linear in place
+            return h
+        return h + x
+
+
+def _inplace_model(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(inplace=inplace), _Residual(inplace), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_outputs_changed_in_place_get_their_exact_curvature(structure):
+    """``ReLU(inplace=True)`` and ``h += x`` rewrite a recorded layer output after the layer
+    returned it; the engine notices (version counters) and records those layers through
+    copies, so the curvature equals that of the same model without in-place operations."""
+    g = generator(31)
+    x, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,))
+    model, plain = _inplace_model(True), _inplace_model(False)
+    la = Laplace(model, structure=structure, curvature="ggn").fit(ref.loader(x, y, 4))
+    expected = ref.CurvatureReference(plain, ref.trainable_names(plain), x, "classification")
+    assert_close(la.curvature.to_dense(), expected.ggn(structure), 1e-10)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from laplacefim.curvature.hooks import Call, record
+from laplacefim.curvature.hooks import Call, run_recorded
 from laplacefim.curvature.segments import Segment
 from laplacefim.inputs import ModelIO, batch_size, take
 
@@ -60,6 +60,7 @@ def audit(
     io: ModelIO,
     modules: Mapping[str, nn.Module],
     broadcast: Collection[str],
+    clone: set[str],
     params: Sequence[tuple[str, nn.Parameter]],
     segments_of: Callable[[dict[str, list[Call]]], dict[str, list[Segment]]],
     x: object,
@@ -71,6 +72,7 @@ def audit(
         io: How to call it.
         modules: The watched modules, by name.
         broadcast: The watched modules whose outputs may be expanded over the batch.
+        clone: The watched modules recorded through clones (grows as the engine's does).
         params: The chosen parameters, by name.
         segments_of: The engine's map from recorded calls (with gradients) to segments.
         x: A batch of inputs.
@@ -83,8 +85,14 @@ def audit(
     with torch.no_grad():
         plain = io.call(model, probe).detach()
     try:
-        with record(modules, track_grad=True, batch=rows, broadcast=broadcast) as recording:
-            f = io.call(model, probe)
+        f, recording = run_recorded(
+            lambda: io.call(model, probe),
+            modules,
+            track_grad=True,
+            batch=rows,
+            broadcast=broadcast,
+            clone=clone,
+        )
     except RuntimeError as error:
         raise _fail(
             "watching its layers broke the model's forward pass. A layer that sees no input "

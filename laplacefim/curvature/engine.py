@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from laplacefim.curvature.audit import audit
-from laplacefim.curvature.hooks import Call, record
+from laplacefim.curvature.hooks import Call, column_grads, run_recorded
 from laplacefim.curvature.kinds import columns
 from laplacefim.curvature.rules import GENERIC, RULES, LayerRule
 from laplacefim.curvature.segments import Samples, Segment
@@ -153,6 +153,8 @@ class CurvatureEngine:
         # is needed: its gradients are the columns); decided on the first batch.
         self._fast: bool | None = None
         self._audited = False
+        # Modules whose outputs the model changes in place: recorded through clones.
+        self.clone: set[str] = set()
 
     # ---------------------------------------------------------------- one batch
     def batch(self, x: object, y: Tensor, generator: torch.Generator | None) -> BatchRows:
@@ -162,7 +164,16 @@ class CurvatureEngine:
         """
         if not self._audited:
             params = [(slot.name, slot.param) for slot in self.slots]
-            audit(self.model, self.io, self.modules, self.broadcast, params, self.segments, x)
+            audit(
+                self.model,
+                self.io,
+                self.modules,
+                self.broadcast,
+                self.clone,
+                params,
+                self.segments,
+                x,
+            )
             self._audited = True
         f, f2, calls = self.forward(x, y.shape[0])
         targets = self.likelihood.targets(f2, y)
@@ -208,10 +219,14 @@ class CurvatureEngine:
             The output as the model gave it, the likelihood's checked view ``(B, C)``
             (detached), and the recorded calls per module.
         """
-        with record(
-            self.modules, track_grad=not self._fast, batch=batch, broadcast=self.broadcast
-        ) as recording:
-            f = self.io.call(self.model, x)
+        f, recording = run_recorded(
+            lambda: self.io.call(self.model, x),
+            self.modules,
+            track_grad=not self._fast,
+            batch=batch,
+            broadcast=self.broadcast,
+            clone=self.clone,
+        )
         f2 = self.likelihood.outputs(f.detach().to(self.dtype))
         calls = recording.calls
         if self._fast is None:
@@ -233,15 +248,7 @@ class CurvatureEngine:
         outputs = [o for cs in calls.values() for c in cs for o in c.outputs if o.requires_grad]
         found: list[Tensor | None] = []
         if outputs:
-            if n_columns == 1:
-                raw = torch.autograd.grad(f, outputs, grad_outputs[0], allow_unused=True)
-                found = [None if g is None else g[None] for g in raw]
-            else:
-                found = list(
-                    torch.autograd.grad(
-                        f, outputs, grad_outputs, is_grads_batched=True, allow_unused=True
-                    )
-                )
+            found = column_grads([f], outputs, [grad_outputs])
         index = 0
         for cs in calls.values():
             for call in cs:

@@ -16,14 +16,16 @@ checks, on the first batch, that this leaves the model's outputs unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,8 +39,10 @@ class Call:
             the gradients are taken against them: expanded to the batch where broadcast.
         expanded: Per output tensor, whether it was expanded from a leading 1.
         batch: Rows of the batch the call belongs to.
-        returned: The tensors handed on in place of ``outputs`` (clones while autograd
-            records, so that later in-place operations leave ``outputs`` intact).
+        returned: The tensors handed on in place of ``outputs`` (themselves, or clones
+            for modules whose outputs the model changes in place later).
+        versions: The outputs' version counters when recorded: a later in-place operation
+            on an output changes its counter (see :meth:`Recording.modified`).
         grads: Filled by the engine: per output tensor, ``(V, *shape)`` gradients of the
             columns (zeros where the output does not reach the model's output).
     """
@@ -49,6 +53,7 @@ class Call:
     expanded: list[bool]
     batch: int
     returned: list[Tensor]
+    versions: list[int]
     grads: list[Tensor] = field(default_factory=list)
 
     def arg(self, index: int, name: str) -> Any:
@@ -64,6 +69,17 @@ class Recording:
 
     calls: dict[str, list[Call]] = field(default_factory=dict)
 
+    def modified(self) -> set[str]:
+        """Modules an output of which the model changed in place after the module returned
+        it (``ReLU(inplace=True)``, ``x += ...``): gradients taken against such an output
+        would belong to the changed tensor, so these modules must be recorded with clones."""
+        return {
+            name
+            for name, calls in self.calls.items()
+            for call in calls
+            if any(t._version != v for t, v in zip(call.outputs, call.versions, strict=True))
+        }
+
 
 def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, Tensor) else value
@@ -76,17 +92,19 @@ def record(
     track_grad: bool,
     batch: int,
     broadcast: Collection[str] = (),
+    clone: Collection[str] = (),
 ) -> Iterator[Recording]:
     """Record the inputs and outputs of ``modules`` while the block runs.
 
     Args:
         modules: The modules to watch, by name.
-        track_grad: Whether autograd records the forward pass. When True, each output
-            tensor is cloned on its way out so that later in-place operations leave the
-            recorded one intact.
+        track_grad: Whether autograd records the forward pass.
         batch: Rows of the batch ``B``.
         broadcast: Names of the modules whose outputs may be expanded to ``B`` rows when
             they see no batch-sized input.
+        clone: Names of the modules whose outputs are cloned on their way out while
+            autograd records, so that later in-place operations leave the recorded ones
+            intact (:meth:`Recording.modified` finds them).
 
     Yields:
         The recording, filled as the model runs.
@@ -103,6 +121,7 @@ def record(
                 isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch for a in inputs
             )
             may_expand = name in broadcast and batch > 1 and not sees_batch
+            copies = name in clone
             outputs: list[Tensor] = []
             expanded: list[bool] = []
             returned: list[Any] = []
@@ -116,7 +135,7 @@ def record(
                 seen = leaf.expand(batch, *leaf.shape[1:]) if expand else leaf
                 outputs.append(seen)
                 expanded.append(expand)
-                returned.append(seen.clone() if grows else seen)
+                returned.append(seen.clone() if grows and copies else seen)
                 handed.append(returned[-1])
             recording.calls[name].append(
                 Call(
@@ -126,6 +145,7 @@ def record(
                     expanded,
                     batch,
                     handed,
+                    [t._version for t in outputs],
                 )
             )
             return tree_unflatten(returned, spec)
@@ -142,3 +162,55 @@ def record(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def run_recorded(
+    run: Callable[[], T],
+    modules: Mapping[str, nn.Module],
+    *,
+    track_grad: bool,
+    batch: int,
+    broadcast: Collection[str],
+    clone: set[str],
+) -> tuple[T, Recording]:
+    """``run()`` with ``modules`` recorded; reruns it once when the model changed a
+    recorded output in place, cloning those modules' outputs from then on (``clone`` grows:
+    keep it across batches).
+
+    Raises:
+        ValueError: If an output is still changed in place with clones (it is an alias of
+            a tensor the model changes), naming the modules.
+    """
+    for attempt in range(2):
+        with record(
+            modules, track_grad=track_grad, batch=batch, broadcast=broadcast, clone=clone
+        ) as recording:
+            out = run()
+        changed = recording.modified() if track_grad else set()
+        if not changed:
+            return out, recording
+        if attempt == 0 and not changed <= clone:
+            clone.update(changed)
+            continue
+        break
+    raise ValueError(
+        f"the model changes the outputs of {sorted(changed)} in place even as copies; their "
+        "gradients cannot be taken. Leave their parameters out of the subset."
+    )
+
+
+def column_grads(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], columns: Sequence[Tensor]
+) -> list[Tensor | None]:
+    """Gradients ``(V, *input.shape)`` of ``V`` cotangent columns ``(V, *output.shape)``.
+
+    One backward pass per column is cheaper than ``is_grads_batched`` (vmap) for ``V = 1``
+    (the sampled Fisher and the empirical Fisher); more columns share one batched pass.
+    ``None`` where an input does not affect the outputs.
+    """
+    if columns[0].shape[0] == 1:
+        found = torch.autograd.grad(outputs, inputs, [c[0] for c in columns], allow_unused=True)
+        return [None if g is None else g[None] for g in found]
+    return list(
+        torch.autograd.grad(outputs, inputs, columns, is_grads_batched=True, allow_unused=True)
+    )

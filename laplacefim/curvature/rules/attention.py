@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from laplacefim.curvature.hooks import Call
+from laplacefim.curvature.hooks import Call, column_grads
 from laplacefim.curvature.segments import Product, Segment
 from laplacefim.curvature.segments.product import stack_positions
 
@@ -159,9 +159,7 @@ def _one_call(module: nn.MultiheadAttention, call: Call) -> dict[str, list[Produ
         if attention.need_weights and len(call.grads) > 1:
             outputs.append(weights)
             cotangents.append(call.grads[1])
-        grads = torch.autograd.grad(
-            outputs, leaves, cotangents, is_grads_batched=True, allow_unused=True
-        )
+        grads = column_grads(outputs, leaves, cotangents)
     g_q, g_k, g_v, *g_bias = (
         torch.zeros_like(leaf).expand(g_out.shape[0], *leaf.shape) if g is None else g
         for leaf, g in zip(leaves, grads, strict=True)

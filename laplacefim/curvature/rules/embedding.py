@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from laplacefim.curvature.hooks import Call
 from laplacefim.curvature.rules.base import batched, check_batch_first
-from laplacefim.curvature.segments import Segment, Tokens
+from laplacefim.curvature.segments import Segment, Tokens, join
 
 
 def embedding_rows(
@@ -32,8 +31,8 @@ def embedding_rows(
         tokens.append(ids.reshape(out.shape[0], -1))
         g = call.grads[0]
         grads.append(g.reshape(g.shape[0], out.shape[0], -1, g.shape[-1]))
-    ids = torch.cat(tokens, 1)
-    g = torch.cat(grads, 2)
+    ids = join(tokens, 1)
+    g = join(grads, 2)
     if emb.padding_idx is not None:
         g = g * (ids != emb.padding_idx)[None, :, :, None].to(g.dtype)
     if "weight" not in wanted:

@@ -70,7 +70,10 @@ def generic_rows(
         return {}
     params = {name: module._parameters[name].detach() for name in names}  # type: ignore[union-attr]
     total: dict[str, Tensor] = {}
-    for call in calls:
-        for name, value in _one_call(module, params, call).items():
-            total[name] = total[name] + value if name in total else value
+    # torch.func differentiates inside no_grad; autograd records nothing through the
+    # module's other parameters.
+    with torch.no_grad():
+        for call in calls:
+            for name, value in _one_call(module, params, call).items():
+                total[name] = total[name] + value if name in total else value
     return {name: [Samples(value)] for name, value in total.items()}

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from laplacefim.curvature.hooks import Call
 from laplacefim.curvature.rules.base import batched, check_batch_first
 from laplacefim.curvature.rules.generic import generic_rows
-from laplacefim.curvature.segments import Product, Segment
+from laplacefim.curvature.segments import Product, Segment, join
 
 
 def product_rows(
@@ -104,7 +104,7 @@ def _positions(module: nn.Module, calls: list[Call]) -> tuple[Tensor, Tensor]:
         inputs.append(x.reshape(out.shape[0], -1, x.shape[-1]))
         g = call.grads[0]
         grads.append(g.reshape(g.shape[0], out.shape[0], -1, g.shape[-1]))
-    return torch.cat(inputs, dim=1), torch.cat(grads, dim=2)
+    return join(inputs, 1), join(grads, 2)
 
 
 def _patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -131,5 +131,5 @@ def conv2d_rows(
             raise ValueError(f"nn.Conv2d needs batched (B, C, H, W) inputs, got {tuple(x.shape)}.")
         inputs.append(_patches(conv, x))
         grads.append(call.grads[0].flatten(3).transpose(2, 3))
-    a, g = torch.cat(inputs, dim=1), torch.cat(grads, dim=2)
+    a, g = join(inputs, 1), join(grads, 2)
     return product_rows(module, a, g, wanted)

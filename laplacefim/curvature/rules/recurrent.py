@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from laplacefim.curvature.hooks import Call
-from laplacefim.curvature.segments import Product, Segment
+from laplacefim.curvature.hooks import Call, column_grads
+from laplacefim.curvature.segments import Product, Segment, join
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -164,13 +164,11 @@ def recurrent_rows(
                         "(an option it does not cover); leave its parameters out of the subset."
                     )
             leaves = [leaf for _, leaf in replay.rows.values()]
-            grads = torch.autograd.grad(
-                produced, leaves, cotangents, is_grads_batched=True, allow_unused=True
-            )
+            grads = column_grads(produced, leaves, cotangents)
         n_columns = cotangents[0].shape[0]
         per_call.append(
             {
-                name: (inputs, g if g is not None else leaf.detach().expand(n_columns, *leaf.shape))
+                name: (inputs, g if g is not None else leaf.new_zeros(n_columns, *leaf.shape))
                 for (name, (inputs, leaf)), g in zip(replay.rows.items(), grads, strict=True)
             }
         )
@@ -178,8 +176,8 @@ def recurrent_rows(
     for key in per_call[0]:
         parts = [rows[key] for rows in per_call]
         first_inputs = parts[0][0]
-        inputs = None if first_inputs is None else torch.cat([p[0] for p in parts], 1)  # type: ignore[misc]
-        found[key] = (inputs, torch.cat([p[1] for p in parts], 2), {})
+        inputs = None if first_inputs is None else join([p[0] for p in parts], 1)  # type: ignore[misc]
+        found[key] = (inputs, join([p[1] for p in parts], 2), {})
     out: dict[str, list[Segment]] = {}
     for name in wanted:
         kind, _, key = name.partition("_")  # weight_ih_l0 -> weight, ih_l0

@@ -109,6 +109,11 @@ class Segment(Protocol):
         ...
 
 
+def join(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` of the calls of a layer; one call's tensor as it is (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
 def cast(tensor: Tensor, dtype: torch.dtype, memo: dict[int, Tensor]) -> Tensor:
     """``tensor`` in ``dtype``, converting each distinct tensor once (segments of one layer
     share their output gradients, and keep sharing them)."""

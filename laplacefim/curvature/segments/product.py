@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.segments.base import Rotate, batch_chunks, cast, matmul
+from laplacefim.curvature.segments.base import Rotate, batch_chunks, cast, join, matmul
 from laplacefim.options import KfacApprox
 
 
@@ -188,7 +188,9 @@ class Product:
 def stack_positions(products: list[Product]) -> Product:
     """Products of the same weight from several calls, stacked as more positions."""
     first = products[0]
+    if len(products) == 1:  # no copy, and the factors it shares stay shared
+        return first
     inputs = None
     if first.inputs is not None:
-        inputs = torch.cat([p.inputs for p in products if p.inputs is not None], 1)
-    return Product(inputs, torch.cat([p.grads for p in products], 2), first.transposed)
+        inputs = join([p.inputs for p in products if p.inputs is not None], 1)
+    return Product(inputs, join([p.grads for p in products], 2), first.transposed)
