@@ -200,11 +200,14 @@ class Laplace(FittedPosterior):
         ``method="marglik"`` maximises the log marginal likelihood on the decomposed
         spectrum: Newton's method on the log-hyperparameters for a ``"scalar"`` prior or a
         ``"layerwise"`` one (one value per module), stopping when the predicted gain falls
-        below ``tol``; MacKay's fixed point for a ``"diagonal"`` prior (one per parameter;
-        not with Kronecker structures), stopping when the relative change falls below
-        ``tol``. ``method="gridsearch"`` picks the scalar prior in ``grid`` (default
-        ``10⁻⁴ … 10⁴``, 21 values) with the lowest NLL of the GLM probit predictive on
-        ``val_loader`` (batches as for ``fit``).
+        below ``tol``. A ``"diagonal"`` prior (one per parameter; not with Kronecker
+        structures) starts from the layer-wise optimum and maximises the evidence plus a
+        Gamma hyperprior with its mode there (MacKay's fixed point with κ = 1 pseudo-
+        observation, stopping when the relative change falls below ``tol``), so that
+        parameters the data do not determine keep their layer's prior scale.
+        ``method="gridsearch"`` picks the scalar prior in ``grid`` (default ``10⁻⁴ … 10⁴``,
+        21 values) with the lowest NLL of the GLM probit predictive on ``val_loader``
+        (batches as for ``fit``).
 
         Args:
             method: ``"marglik"`` or ``"gridsearch"``.

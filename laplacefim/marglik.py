@@ -4,7 +4,9 @@ With each block decomposed once, ``log det(s·F + δ)`` costs O(p) per value of 
 ``δ`` constant on an eigen-decomposed block (``Σ log(s·λᵢ + δ)``), and O(p k²) on a
 low-rank block; the evidence is differentiable in the prior and the noise. Tuning
 maximises it by Newton's method on the logarithms of the hyperparameters (a handful of
-values), or, for one prior per parameter, by MacKay's fixed point ``δₚ ← γₚ / θₚ²``.
+values). One prior per parameter is tuned under a Gamma hyperprior whose mode is the
+parameter's layer-wise optimum (see :func:`mackay_diagonal`): without it, a parameter the
+data do not determine (zero curvature) drives its prior to 0, its variance to infinity.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from laplacefim.structures.base import Decomposition, Precision
 
 # Log-hyperparameters are kept in [-LOG_BOUND, LOG_BOUND] (e^±40) during tuning.
 LOG_BOUND = 40.0
+# Per-parameter priors: the Gamma hyperprior's strength κ, in pseudo-observations of θₚ².
+DIAGONAL_HYPERPRIOR_STRENGTH = 1.0
 
 
 @dataclass(frozen=True)
@@ -117,29 +121,44 @@ def newton_maximise(
     return x, max_iter, False
 
 
+def log_hyperprior(prior: Tensor, center: Tensor, strength: float) -> Tensor:
+    """``Σₚ (κ/2)(log δₚ − δₚ / cₚ)``: Gamma hyperpriors of shape ``1 + κ/2`` with mode ``cₚ``
+    (up to a constant)."""
+    return 0.5 * strength * (prior.log() - prior / center).sum()
+
+
 def mackay_diagonal(
     evidence: Evidence,
-    prior: Tensor,
+    center: Tensor,
     sigma: Tensor,
     *,
     tune_noise: bool,
     tol: float,
     max_iter: int,
+    strength: float = DIAGONAL_HYPERPRIOR_STRENGTH,
 ) -> tuple[Tensor, Tensor, int, bool]:
-    """One prior precision per parameter by MacKay's fixed point ``δ ← γ / θ²``.
+    """One prior precision per parameter: the maximiser of the evidence plus
+    :func:`log_hyperprior`, by the fixed point ``δₚ ← (γₚ + κ) / (θₚ² + κ / cₚ)``.
 
-    ``γₚ = 1 − δₚ Σₚₚ`` is the well-determinedness of parameter p. The noise, if tuned, is
-    updated by a one-dimensional Newton ascent of the evidence between prior updates.
+    ``γₚ = 1 − δₚ Σₚₚ`` is the well-determinedness of parameter p and ``cₚ`` the prior of
+    its layer (the hyperprior's mode). A parameter without curvature (``γₚ = 0``) keeps
+    ``δₚ = κ / (θₚ² + κ / cₚ)``, its layer's scale, where the plain fixed point
+    ``δₚ ← γₚ / θₚ²`` sends it to 0. The map is a contraction (on a diagonal block its
+    slope is ``γ(1 − γ) / (γ + κ) ≤ 0.18`` for κ = 1), so the iteration converges
+    geometrically. The noise, if tuned, is updated by a one-dimensional Newton ascent of
+    the evidence between prior updates.
 
     Returns:
         The prior ``(P,)``, the noise, the number of iterations and whether it converged.
     """
-    theta_sq = evidence.theta.square().clamp_min(torch.finfo(evidence.theta.dtype).tiny)
+    theta_sq = evidence.theta.square()
+    prior = center.clone()
     for iteration in range(1, max_iter + 1):
         blocks = evidence.precision(prior, sigma)
         variances = torch.cat([block.covariance_diagonal() for block in blocks])
         gamma = (1.0 - prior * variances).clamp(0.0, 1.0)
-        new_prior = (gamma / theta_sq).clamp(math.exp(-LOG_BOUND), math.exp(LOG_BOUND))
+        new_prior = (gamma + strength) / (theta_sq + strength / center)
+        new_prior = new_prior.clamp(math.exp(-LOG_BOUND), math.exp(LOG_BOUND))
         new_sigma = sigma
         if tune_noise:
 
@@ -176,16 +195,23 @@ def tune_marglik(
         The prior (0-d, ``(L,)`` or ``(P,)``), the noise, the iteration count and whether
         it converged.
     """
-    sizes = {
-        PriorStructure.SCALAR: 1,
-        PriorStructure.LAYERWISE: evidence.layout.n_layers,
-        PriorStructure.DIAGONAL: evidence.layout.n_params,
-    }
-    prior0 = start.expand(sizes[structure]).clone()
-    if structure is PriorStructure.DIAGONAL:
-        return mackay_diagonal(
-            evidence, prior0, sigma, tune_noise=tune_noise, tol=tol, max_iter=max_iter
+    if structure is PriorStructure.DIAGONAL:  # layer-wise first: the hyperprior's modes
+        layers, sigma, n_layer, _ = tune_marglik(
+            evidence,
+            PriorStructure.LAYERWISE,
+            start,
+            sigma,
+            tune_noise=tune_noise,
+            tol=tol,
+            max_iter=max_iter,
         )
+        center = evidence.layout.per_param(layers)
+        prior, sigma, n_iter, converged = mackay_diagonal(
+            evidence, center, sigma, tune_noise=tune_noise, tol=tol, max_iter=max_iter
+        )
+        return prior, sigma, n_layer + n_iter, converged
+    size = 1 if structure is PriorStructure.SCALAR else evidence.layout.n_layers
+    prior0 = start.expand(size).clone()
     n_prior = prior0.numel()
 
     def unpack(x: Tensor) -> tuple[Tensor, Tensor]:

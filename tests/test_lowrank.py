@@ -24,6 +24,7 @@ from helpers import assert_max_close, generator
 from torch import Tensor
 
 from laplacefim import Laplace, LowRank
+from laplacefim.marglik import DIAGONAL_HYPERPRIOR_STRENGTH
 
 DTYPE = ref.DTYPE
 N_DATA = 12
@@ -45,7 +46,7 @@ PROJ_TOL = 1e-7
 FULL_RANK_RTOL = 1e-9
 # Dense inverses / log-determinants of the posterior precision (condition ~1e2).
 DENSE_RTOL = 1e-9
-# MacKay's iteration stops at a relative change of 1e-10; its fixed point is checked with
+# The diagonal prior's fixed point stops at a relative change of 1e-10; it is checked with
 # the covariance from a dense inverse.
 MACKAY_RTOL = 1e-7
 # Newton on the log prior stops at a predicted gain of 1e-10 (gradient ~1e-5), scaled by P.
@@ -250,10 +251,12 @@ def test_samples_have_the_posterior_covariance(fitted, prior_kind):
     assert float((empirical - torch.eye(P, dtype=DTYPE)).abs().max()) <= MC_ATOL
 
 
-def test_tune_prior_diagonal_is_mackays_fixed_point():
-    # (the plain fixed point converges only linearly, and on some problems it oscillates
-    # around a tiny |θₚ|; this one converges to 1e-10 in a few hundred iterations)
+def test_tune_prior_diagonal_is_the_fixed_point_under_its_hyperprior():
+    # δₚ = (γₚ + κ) / (θₚ² + κ / cₚ), cₚ the layer-wise optimum of p's layer (4-5-C MLP)
     model, x, y = _problem("regression", seed=5)
+    layers = _fit(model, x, y, "regression").tune_prior("marglik", "layerwise", tune_noise=False)
+    sizes = [4 * 5 + 5, (5 + 1) * N_OUT["regression"]]
+    center = layers.prior_precision.repeat_interleave(torch.tensor(sizes))
     la = _fit(model, x, y, "regression")
     result = la.tune_prior(prior_structure="diagonal", tune_noise=False, max_iter=1000)
     assert result.converged, result.n_iter
@@ -263,7 +266,8 @@ def test_tune_prior_diagonal_is_mackays_fixed_point():
     theta = ref.flat_params(model, ref.trainable_names(model))
     cov = torch.linalg.inv(_dense_curvature(la) + torch.diag(prior))
     gamma = (1.0 - prior * cov.diagonal()).clamp(0.0, 1.0)
-    expected = (gamma / theta.square()).clamp(math.exp(-40), math.exp(40))
+    kappa = DIAGONAL_HYPERPRIOR_STRENGTH
+    expected = (gamma + kappa) / (theta.square() + kappa / center)
     assert_max_close(prior, expected, MACKAY_RTOL)
     expected_value = _dense_evidence(model, x, y, "regression", _dense_curvature(la), prior)
     assert_max_close(result.log_marginal_likelihood, expected_value, DENSE_RTOL)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 laplacefim = pytest.importorskip("laplacefim")
 Laplace = laplacefim.Laplace
+from laplacefim.marglik import DIAGONAL_HYPERPRIOR_STRENGTH  # noqa: E402
 
 DTYPE = torch.float64
 N_DATA = 16
@@ -525,8 +526,11 @@ def test_tune_prior_diag_structure_bayesian_ridge_is_stationary(diabetes):
 # --------------------------------------------------------------------------------------
 # 3. tuning: a stationary maximum of the evidence
 # --------------------------------------------------------------------------------------
-def _assert_stationary(la: Laplace, result, *, tune_noise: bool, decrement_tol: float = 1e-9):
-    """Gradient of the evidence in the log-hyperparameters ≈ 0 and −Hessian ≻ 0."""
+def _assert_stationary(
+    la: Laplace, result, *, tune_noise: bool, decrement_tol: float = 1e-9, penalty=None
+):
+    """Gradient of the evidence (plus ``penalty(prior)``, a log hyperprior) in the
+    log-hyperparameters ≈ 0 and −Hessian ≻ 0."""
     prior = result.prior_precision
     n_prior = prior.numel()
     log_h = prior.log().reshape(-1)
@@ -536,7 +540,8 @@ def _assert_stationary(la: Laplace, result, *, tune_noise: bool, decrement_tol: 
     def objective(v: Tensor) -> Tensor:
         p = v[:n_prior].exp().reshape(prior.shape)
         s = v[n_prior].exp() if tune_noise else None
-        return la.log_marginal_likelihood(p, s)
+        value = la.log_marginal_likelihood(p, s)
+        return value if penalty is None else value + penalty(p)
 
     grad = torch.autograd.functional.jacobian(objective, log_h)
     hess = torch.autograd.functional.hessian(objective, log_h)
@@ -666,6 +671,13 @@ def _mackay_problem(likelihood: str):
     return model, x, y
 
 
+def _layerwise_center(model, likelihood, x, y, structure, tune_noise):
+    """The hyperprior's modes: the layer-wise evidence optimum, per parameter."""
+    la = _fit(model, likelihood, x, y, structure, batch=64, temperature=1.0)
+    result = la.tune_prior(prior_structure="layerwise", tune_noise=tune_noise, tol=1e-12)
+    return _per_param(model, ref.trainable_names(model), result.prior_precision)
+
+
 @pytest.mark.parametrize(
     ("likelihood", "structure"),
     [
@@ -675,24 +687,69 @@ def _mackay_problem(likelihood: str):
         ("classification", "full"),
     ],
 )
-def test_diagonal_prior_mackay_fixed_point(likelihood, structure):
+def test_diagonal_prior_fixed_point_under_its_hyperprior(likelihood, structure):
+    """δₚ = (γₚ + κ) / (θₚ² + κ / cₚ) with cₚ the layer-wise optimum, and the evidence
+    plus the Gamma hyperprior is stationary there in every log δₚ (and log σ)."""
     model, x, y = _mackay_problem(likelihood)
+    regression = likelihood == "regression"
+    center = _layerwise_center(model, likelihood, x, y, structure, regression)
     la = _fit(model, likelihood, x, y, structure, batch=64, temperature=1.0)
     result = la.tune_prior(prior_structure="diagonal", tol=1e-12, max_iter=5000)
     assert result.converged and result.n_iter >= 1
+    assert result.n_iter < 200  # a contraction: geometric convergence
     delta = result.prior_precision
     assert delta.shape == (la.n_params,)
     names = ref.trainable_names(model)
     theta = ref.flat_params(model, names)
     sigma = float(result.sigma_noise)
-    if likelihood == "regression":
+    if regression:
         assert sigma != 1.0  # the noise was tuned too
     curvature = _ref_curvature(model, names, x, y, likelihood, structure, "ggn", sigma)
     covariance = torch.linalg.inv(curvature + torch.diag(delta))
     gamma = 1 - delta * torch.diagonal(covariance)
-    assert_close(delta, gamma / theta.square(), 1e-7, atol=0)
-    # the evidence is stationary there, in each log δ_p (and log σ)
-    _assert_stationary(la, result, tune_noise=likelihood == "regression", decrement_tol=1e-8)
+    kappa = DIAGONAL_HYPERPRIOR_STRENGTH
+    assert_close(delta, (gamma + kappa) / (theta.square() + kappa / center), 1e-7, atol=0)
+    _assert_stationary(
+        la,
+        result,
+        tune_noise=regression,
+        decrement_tol=1e-8,
+        # log Gamma(δ; shape 1 + κ/2, rate κ/(2c)) up to a constant: mode at c
+        penalty=lambda p: 0.5 * kappa * (p.log() - p / center).sum(),
+    )
+
+
+def test_diagonal_prior_keeps_undetermined_parameters_at_the_prior_scale():
+    """Weights on an input that is always 0 have no curvature; the plain evidence would send
+    their prior to 0 (variance to infinity). Under the hyperprior each equals the closed
+    form root of its (separable, diag-structure) stationarity equation, and stays within a
+    factor of its layer's prior; samples of them stay at that scale."""
+    g = generator(7301)
+    model = nn.Linear(4, 3, dtype=DTYPE)
+    x = torch.randn(300, 4, generator=g, dtype=DTYPE)
+    x[:, 3] = 0.0
+    y = ref.targets("classification", 300, 3, g)
+    center = _layerwise_center(model, "classification", x, y, "diag", False)
+    la = _fit(model, "classification", x, y, "diag", batch=64, temperature=1.0)
+    result = la.tune_prior(prior_structure="diagonal", tol=1e-12)
+    assert result.converged, result.n_iter
+    delta = result.prior_precision
+    names = ref.trainable_names(model)
+    theta = ref.flat_params(model, names)
+    lam = torch.diagonal(_ref_curvature(model, names, x, y, "classification", "diag", "ggn", 1.0))
+    # ½[1/δ − 1/(λ+δ) − θ²] + κ/(2δ) − κ/(2c) = 0  ⇔  a δ² − b δ − (1+κ)λ = 0, a = θ² + κ/c
+    kappa = DIAGONAL_HYPERPRIOR_STRENGTH
+    a = theta.square() + kappa / center
+    b = kappa - a * lam
+    root = (b + torch.sqrt(b.square() + 4 * a * (1 + kappa) * lam)) / (2 * a)
+    assert_close(delta, root, 1e-8, atol=0)
+    dead = torch.zeros_like(delta, dtype=torch.bool)
+    dead[: 3 * 4].view(3, 4)[:, 3] = True  # weight column of the zero input
+    assert bool((lam[dead] == 0).all()) and bool((lam[~dead] > 0).all())
+    ratio = delta[dead] / center[dead]
+    assert bool((ratio > 0.2).all() and (ratio <= 1.0).all()), ratio
+    samples = la.sample(4000, generator=generator(5)) - la.mean
+    assert float(samples[:, dead].std(0).max()) < 3 / float(center[dead].min()) ** 0.5
 
 
 # --------------------------------------------------------------------------------------
