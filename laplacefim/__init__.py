@@ -27,6 +27,7 @@ from laplacefim.options import (
 from laplacefim.posterior import PosteriorPrecision
 from laplacefim.prediction import Prediction
 from laplacefim.structures import STRUCTURES, LowRank
+from laplacefim.training import MarglikEpoch, MarglikResult, train_marglik
 
 __all__ = [
     "LIKELIHOODS",
@@ -39,6 +40,8 @@ __all__ = [
     "Laplace",
     "Link",
     "LowRank",
+    "MarglikEpoch",
+    "MarglikResult",
     "ModelIO",
     "MonitorRecord",
     "NaturalGradient",
@@ -50,5 +53,6 @@ __all__ = [
     "TuneMethod",
     "geometry",
     "metrics",
+    "train_marglik",
 ]
 __version__ = "0.1.0"

@@ -140,6 +140,19 @@ class FittedPosterior:
         return self._fitted().selection.names
 
     @property
+    def parameter_priors(self) -> dict[str, Tensor]:
+        """The prior precision of each chosen parameter tensor, shaped like the tensor."""
+        fit = self._fitted()
+        flat = fit.layout.per_param(self._hyper.prior_precision.to(fit.mean))
+        sizes = [p.numel() for p in fit.selection.params]
+        return {
+            name: part.reshape(p.shape)
+            for name, p, part in zip(
+                fit.selection.names, fit.selection.params, flat.split(sizes), strict=True
+            )
+        }
+
+    @property
     def last_layer(self) -> str | None:
         """Name of the module found as the last layer (``subset="last_layer"`` only)."""
         return self._fitted().last_layer
