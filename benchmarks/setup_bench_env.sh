@@ -32,6 +32,7 @@ PEER_DEPS=(
     "einops>=0.3.0,<1.0.0" "unfoldNd>=0.2.0,<1.0.0" "einconv>=0.1.0" "linear_operator>=0.2.0"
     "scikit-learn"  # the benchmark's data set (load_digits)
     "transformers" "peft"  # architectures.py: BERT with LoRA adapters, built from configs
+    "mnist1d" "matplotlib" "pillow"  # calibration.py: MNIST-1D's generator, plots, photos
 )
 
 if [[ ! -x "$VENV/bin/python" ]]; then

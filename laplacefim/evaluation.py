@@ -53,6 +53,9 @@ class MethodSpec:
         subset: ``"all"`` or ``"last_layer"``.
         structure: ``"kron"``, ``"diag"`` or ``"full"``.
         curvature: ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        prior_structure: The prior tuned by evidence: ``"layerwise"`` (one precision per
+            layer: the recommended default, chosen by ``benchmarks/calibration.py``),
+            ``"scalar"`` or ``"diagonal"``.
     """
 
     name: str
@@ -60,6 +63,7 @@ class MethodSpec:
     subset: str = "all"
     structure: str = "kron"
     curvature: str | CurvatureKind = "ggn"
+    prior_structure: str = "layerwise"
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ def fit_posterior(
     *,
     progress: bool | None = None,
 ) -> FittedMethod:
-    """Fit a Laplace posterior and tune its scalar prior (and regression noise) by evidence.
+    """Fit a Laplace posterior and tune its prior (and regression noise) by evidence.
 
     Args:
         model: The trained model.
@@ -123,7 +127,7 @@ def fit_posterior(
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # non-convergence goes in the report
-        tuned = la.tune_prior()
+        tuned = la.tune_prior(prior_structure=spec.prior_structure)
     tune_s = time.perf_counter() - start
     info: dict[str, Any] = {
         "label": spec.label,
@@ -132,6 +136,7 @@ def fit_posterior(
         "curvature": la.curvature_kind.value,
         "predictive": "glm" if la.config.likelihood.task == "regression" else "glm-probit",
         "n_params": la.n_params,
+        "prior_structure": spec.prior_structure,
         "prior_precision": as_json(tuned.prior_precision),
         "log_marginal_likelihood": float(tuned.log_marginal_likelihood),
         "tune_converged": bool(tuned.converged),

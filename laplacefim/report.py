@@ -108,7 +108,11 @@ def format_report(report: Mapping[str, Any]) -> str:
     for name, spec in report["methods"].items():
         if "prior_precision" in spec:
             prior = spec["prior_precision"]
-            prior_text = f"{prior:.4g}" if isinstance(prior, float) else str(prior)
+            prior_text = (
+                f"{prior:.4g}"
+                if isinstance(prior, float)
+                else "[" + ", ".join(f"{v:.3g}" for v in prior) + "]"
+            )
             note = "" if spec["tune_converged"] else " (tuning did not converge)"
             noise = (
                 f", sigma = {spec['sigma_noise']:.4g}"

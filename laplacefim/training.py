@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,8 @@ class MarglikEpoch:
 
     Attributes:
         epoch: The epoch, from 1.
-        loss: Mean over the epoch's batches of the training objective per datum
-            (negative log-likelihood plus the prior term, both divided by ``N``).
+        loss: The training objective per datum: the mean over the epoch's batches of
+            the negative log-likelihood per datum, plus ``½ Σ δ θ² / N`` at the epoch's end.
         log_marginal_likelihood: The evidence after this epoch's hyperparameter steps, or
             None where the epoch took none.
         prior_precision: The prior after the epoch (0-d, ``(L,)`` or ``(P,)``).
@@ -180,7 +180,8 @@ def train_marglik(
     config, lik = la.config, la.config.likelihood
     device = model_device(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optim = make_optimizer([p for _, p in trainable], lr=lr)
+    params = [p for _, p in trainable]
+    optim = make_optimizer(params, lr=lr)
     base_prior = float(prior_precision)
     priors: dict[str, Tensor | float] = {name: base_prior for name, _ in trainable}
     n_data = _data_count(train_loader, config, device)
@@ -194,7 +195,8 @@ def train_marglik(
         start = time.perf_counter()
         model.train()
         noise = la.sigma_noise.to(device)
-        total, n_batches = 0.0, 0
+        total: Tensor | float = 0.0
+        n_batches = 0
         for index, batch in enumerate(train_loader):
             x, y = config.io.split(batch, index)
             x, y = to_device(x, device), y.to(device)
@@ -204,15 +206,19 @@ def train_marglik(
             stats = lik.loss_stats(f, targets.values)
             log_lik = lik.log_likelihood(stats, f.shape[0], noise.to(f))  # the count: constants
             nll = -log_lik / targets.count / la.temperature
-            penalty = sum((priors[name] * p.square()).sum() for name, p in trainable)
-            loss = nll + 0.5 * penalty / n_data
-            loss.backward()
-            _average_gradients([p for _, p in trainable])
+            nll.backward()
+            _average_gradients(params)
+            with torch.no_grad():  # the prior's gradient δ θ / N, added without autograd
+                for name, p in trainable:
+                    decay = priors[name] * p / n_data
+                    p.grad = decay if p.grad is None else p.grad.add_(decay)
             optim.step()
-            total += float(loss.detach())
+            total = total + nll.detach()
             n_batches += 1
         if n_batches == 0:
             raise ValueError("train_loader yielded no batch.")
+        with torch.no_grad():
+            penalty = sum(float((priors[n] * p.square()).sum()) for n, p in trainable)
         evidence: float | None = None
         val_nll: float | None = None
         if epoch == epochs or (epoch > burnin and (epoch - burnin) % marglik_frequency == 0):
@@ -225,7 +231,7 @@ def train_marglik(
                 val_nll = _validation_nll(model, la, val_loader, device)
         record = MarglikEpoch(
             epoch,
-            total / n_batches,
+            float(total) / n_batches + 0.5 * penalty / n_data,
             evidence,
             la.prior_precision.detach().clone(),
             la.sigma_noise.detach().clone(),
@@ -261,7 +267,7 @@ def _data_count(loader: Iterable[Any], config: Any, device: torch.device) -> int
     return max(total, 1)
 
 
-def _average_gradients(params: list[Tensor]) -> None:
+def _average_gradients(params: Sequence[Tensor]) -> None:
     """Average gradients over ranks (nothing without a process group)."""
     if not distributed.active():
         return

@@ -194,7 +194,10 @@ def test_demo_quick_json_writes_report_and_plots(tmp_path: Path) -> None:
         for values in report["ood"][name].values():
             assert set(values) == {"auroc", "aupr", "fpr95"}
         if name != "map":
-            assert spec["prior_precision"] > 0 and isinstance(spec["tune_converged"], bool)
+            prior = spec["prior_precision"]  # layer-wise: one value per layer
+            assert isinstance(prior, list) and len(prior) >= 1 and min(prior) > 0
+            assert spec["prior_structure"] == "layerwise"
+            assert isinstance(spec["tune_converged"], bool)
     assert {"train_s", "total_s", "wall_s", "methods"} <= set(report["timings"])
     assert {"torch", "laplacefim", "python"} <= set(report["versions"])
     assert json.loads((out / "report.json").read_text()) == report
