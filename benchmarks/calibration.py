@@ -14,8 +14,9 @@ Tasks (all data generated or bundled; nothing is downloaded):
 
 Methods: MAP (Adam, weight decay 1e-4); temperature scaling (T on the validation split);
 a 5-member deep ensemble; ours post-hoc with layer-wise evidence-tuned priors
-(last-layer KFAC with the probit and the MC link, all-weights KFAC, EKFAC, diagonal with a
-layer-wise and with a per-parameter prior); ours trained by ``train_marglik`` (all-weights
+(last-layer KFAC with the probit and the MC link, all-weights KFAC with the probit and the
+MC link and with a scalar prior, EKFAC, diagonal with a layer-wise and with a
+per-parameter prior); ours trained by ``train_marglik`` (all-weights
 KFAC, layer-wise prior; the same epochs, an evidence step every 5 epochs); and, where
 laplace-torch is installed (``.venv-bench``), its last-layer KFAC and its
 ``marglik_training`` on the same model and schedule. The models have no dropout, so MC
@@ -551,15 +552,18 @@ def plot_shift(summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     splits = ["clean"] + [f"rot{a:g}" for a in ANGLES if a > 0]
-    for method, entry in summary.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (method, entry) in enumerate(summary.items()):
+        style = {"color": colours[i % 20], "linestyle": "-" if i < 10 else "--", "marker": "o"}
         for ax, metric in zip(axes, ("nll", "ece"), strict=True):
             means = [entry["scores"][s][metric][0] for s in splits]
-            ax.plot(ANGLES, means, marker="o", label=method)
+            ax.plot(ANGLES, means, label=method, **style)
             ax.set_xlabel("rotation (degrees)")
             ax.set_ylabel(metric.upper())
-            ax.set_title(f"digits: {metric.upper()} under rotation")
+            ax.set_title(f"digits: {metric.upper()} under rotation (mean of seeds)")
+    axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
