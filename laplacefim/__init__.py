@@ -9,6 +9,7 @@ see ``docs/extending.md``.
 """
 
 from laplacefim import geometry, metrics
+from laplacefim._version import __version__ as __version__
 from laplacefim.distributions import BlockDiagonalNormal
 from laplacefim.inputs import ModelIO
 from laplacefim.laplace import Laplace
@@ -55,4 +56,3 @@ __all__ = [
     "metrics",
     "train_marglik",
 ]
-__version__ = "0.1.0"

@@ -25,6 +25,7 @@ import torch
 
 from laplacefim import evaluation as ev
 from laplacefim import report as report_io
+from laplacefim._version import __version__
 from laplacefim.cli_inputs import CLIError, build_model, load_data, load_ood, load_weights
 from laplacefim.options import CurvatureKind
 from laplacefim.structures import STRUCTURES
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="laplacefim",
         description="Calibrated uncertainty for trained PyTorch models (Laplace / Fisher).",
     )
+    parser.add_argument("--version", action="version", version=f"laplacefim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,evaluate}")
     sub.required = True
 

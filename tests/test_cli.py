@@ -444,3 +444,22 @@ def test_laplace_improves_nll_on_rotated_digits() -> None:
         assert (
             abs(metrics[method]["clean"]["accuracy"] - metrics["map"]["clean"]["accuracy"]) < 0.02
         )
+
+
+def test_python_dash_m_is_the_command_and_prints_the_version():
+    from importlib.metadata import version
+
+    import laplacefim
+
+    out = subprocess.run(
+        [sys.executable, "-m", "laplacefim", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == f"laplacefim {laplacefim.__version__}"
+    assert laplacefim.__version__ == version("laplacefim")  # one version, read by the build
+    help_module = subprocess.run(
+        [sys.executable, "-m", "laplacefim", "--help"], capture_output=True, text=True
+    )
+    assert help_module.returncode == 0 and "{demo,evaluate}" in help_module.stdout
