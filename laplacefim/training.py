@@ -65,20 +65,24 @@ class MarglikResult:
     """What :func:`train_marglik` returns.
 
     Attributes:
-        laplace: The posterior fitted at the final weights with the learned prior and noise.
-        model: The trained model (the same object that was passed in).
+        laplace: The posterior at the kept weights, with their learned prior and noise.
+        model: The trained model (the same object that was passed in), holding the kept
+            weights.
         history: One record per epoch.
+        epoch: The epoch whose weights were kept: the evidence step with the highest
+            evidence (``keep_best=True``), or the last epoch.
     """
 
     laplace: Laplace
     model: nn.Module
     history: tuple[MarglikEpoch, ...]
+    epoch: int
 
     @property
     def log_marginal_likelihood(self) -> float:
-        """The final log evidence: compare it across architectures to select one."""
-        value = self.history[-1].log_marginal_likelihood
-        assert value is not None  # the last epoch always takes an evidence step
+        """The log evidence of the kept weights: compare it across architectures."""
+        value = self.history[self.epoch - 1].log_marginal_likelihood
+        assert value is not None  # kept epochs always took an evidence step
         return value
 
 
@@ -101,6 +105,7 @@ def train_marglik(
     sigma_noise: float = 1.0,
     tune_noise: bool = True,
     val_loader: Iterable[Any] | None = None,
+    keep_best: bool = True,
     progress: bool = False,
     generator: torch.Generator | None = None,
     **laplace_options: Any,
@@ -144,13 +149,17 @@ def train_marglik(
         sigma_noise: Initial observation noise (regression likelihoods).
         tune_noise: Learn ``sigma_noise`` by the evidence too.
         val_loader: Batches on which to record the network's NLL at each evidence step.
+        keep_best: End with the weights, prior and posterior of the evidence step with the
+            highest evidence (early stopping by evidence, as Immer et al. do; one copy of
+            the weights and the curvature is kept); False ends with the last epoch's.
         progress: Show a progress bar over epochs (on rank 0).
         generator: Random generator for ``curvature="fisher"``.
         **laplace_options: Passed to :class:`Laplace` (``temperature``, ``x_key``,
             ``y_key``, ``call_kwargs``, ``output_key``, ``kfac_approx``, ...).
 
     Returns:
-        The fitted posterior at the final weights, the model and the per-epoch history.
+        The posterior at the kept weights (see ``keep_best``), the model holding them, the
+        per-epoch history and the kept epoch.
 
     Raises:
         ValueError: For bad counts or options (listed), or anything :meth:`Laplace.fit`
@@ -186,6 +195,7 @@ def train_marglik(
     priors: dict[str, Tensor | float] = {name: base_prior for name, _ in trainable}
     n_data = _data_count(train_loader, config, device)
     history: list[MarglikEpoch] = []
+    best: tuple[float, int, dict[str, Tensor], dict[str, Any]] | None = None
     bar = tqdm(
         range(1, epochs + 1),
         desc="train_marglik",
@@ -227,6 +237,9 @@ def train_marglik(
             )
             n_data = la.n_data
             priors.update(la.parameter_priors)
+            if keep_best and (best is None or evidence > best[0]):
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = (evidence, epoch, weights, la.state_dict())
             if val_loader is not None:
                 val_nll = _validation_nll(model, la, val_loader, device)
         record = MarglikEpoch(
@@ -241,7 +254,12 @@ def train_marglik(
         history.append(record)
         if evidence is not None:
             bar.set_postfix(loss=f"{record.loss:.4g}", lml=f"{evidence:.6g}")
-    return MarglikResult(la, model, tuple(history))
+    kept = epochs
+    if best is not None and best[1] != epochs:
+        _, kept, weights, state = best
+        model.load_state_dict(weights)
+        la.load_state_dict(state)
+    return MarglikResult(la, model, tuple(history), kept)
 
 
 def _optimizer_factory(

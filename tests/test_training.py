@@ -26,7 +26,7 @@ from helpers import assert_close, generator
 from sklearn.linear_model import BayesianRidge
 from torch import nn
 
-from laplacefim import train_marglik
+from laplacefim import Laplace, train_marglik
 
 DTYPE = torch.float64
 WORLD = 2
@@ -194,3 +194,37 @@ def test_two_rank_training_equals_single_process_training():
         assert_close(rank_weights, weights, 1e-12)
         assert_close(rank_prior, prior, 1e-10)
         assert_close(torch.tensor(rank_evidence), torch.tensor(evidence), 1e-10)
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_restores_the_weights_and_posterior_of_the_best_evidence(keep_best):
+    # a large step size makes the evidence dip at the end: its maximum is at epoch 18 of 20
+    g = generator(9103)
+    x = torch.randn(120, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (120,), generator=g)
+    loader = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 120, 40)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(DTYPE)
+    result = train_marglik(
+        model,
+        loader,
+        epochs=20,
+        lr=1.0,
+        structure="full",
+        marglik_frequency=2,
+        keep_best=keep_best,
+    )
+    evidence = {h.epoch: h.log_marginal_likelihood for h in result.history}
+    steps = {e: v for e, v in evidence.items() if v is not None}
+    best = max(steps, key=steps.__getitem__)
+    assert best == 18  # the restore path is exercised
+    assert result.epoch == (best if keep_best else 20)
+    la = result.laplace
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(la.mean, weights)  # the posterior describes the weights the model holds
+    assert_close(la.prior_precision, result.history[result.epoch - 1].prior_precision, 0.0)
+    value = la.log_marginal_likelihood().detach()
+    assert_close(value, torch.tensor(result.log_marginal_likelihood, dtype=DTYPE), 1e-12)
+    # refitting at the kept weights gives the same posterior
+    refit = Laplace(model, structure="full", prior_precision=la.prior_precision).fit(loader)
+    assert_close(refit.log_marginal_likelihood().detach(), value, 1e-10)
