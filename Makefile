@@ -17,24 +17,31 @@ $(BIN)/python:
 # `test` extra. Everything after torch is constrained to the torch installed first.
 ORACLES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The demo needs the runtime and matplotlib only; the tests add their extras on top.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[plot]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,plot,dev]"
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt --no-deps $(ORACLES)
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.runtime
 	$(BIN)/laplacefim demo
+	@echo "environment $(VENV): $$(du -sh $(VENV) | cut -f1)"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+	@echo "environment $(VENV): $$(du -sh $(VENV) | cut -f1)"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check laplacefim tests examples benchmarks
 	$(BIN)/mypy
 
-demo-time: $(VENV)/.installed
+demo-time: $(VENV)/.runtime
 	$(BIN)/python benchmarks/demo_time.py
 
 bench:

@@ -47,7 +47,8 @@ def number(value: Any, name: str, *, positive: bool = False, non_negative: bool 
 
 def hyperparameter(value: Any, name: str, *, allow_zero: bool) -> Tensor:
     """A prior precision, noise or temperature: a number or a floating tensor, finite and
-    ``> 0`` (``>= 0`` with ``allow_zero``); Python numbers are kept in float64.
+    ``> 0`` (``>= 0`` with ``allow_zero``); Python numbers are kept in float64, and a
+    one-element tensor ``(1,)`` is a scalar (laplace-torch's habit).
 
     Raises:
         TypeError: If ``value`` is neither a number nor a tensor.
@@ -59,6 +60,8 @@ def hyperparameter(value: Any, name: str, *, allow_zero: bool) -> Tensor:
         tensor = value.detach()
         if not tensor.dtype.is_floating_point:
             tensor = tensor.to(torch.float64)
+        if tensor.shape == (1,):
+            tensor = tensor.reshape(())
     else:
         tensor = torch.tensor(float(value), dtype=torch.float64)
     bad = ~torch.isfinite(tensor) | (tensor < 0 if allow_zero else tensor <= 0)

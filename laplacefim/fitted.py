@@ -205,6 +205,8 @@ class FittedPosterior:
             value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
         )
         tensor = tensor.to(device=self._fitted().mean.device, dtype=torch.float64)
+        if tensor.shape == (1,):  # one element: a scalar (kept differentiable)
+            tensor = tensor.reshape(())
         if not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
             raise ValueError(f"{name} must be finite and > 0 for the evidence, got {value!r}.")
         return tensor
@@ -309,7 +311,8 @@ class FittedPosterior:
         Raises:
             RuntimeError: Before ``fit``, or when the model's weights changed since.
             ValueError: For inputs on another device or of another shape than the training
-                inputs, unknown options, or a singular posterior precision.
+                inputs, rows with NaN or infinite values (named), unknown options, or a
+                singular posterior precision.
 
         Example:
             >>> probs = la.predict(x_test).probs

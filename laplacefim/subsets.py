@@ -75,7 +75,8 @@ def select(model: nn.Module, subset: SubsetSpec, last_layer: str | None = None) 
         The selection, never empty.
 
     Raises:
-        ValueError: If a named parameter does not exist, or nothing trainable is chosen.
+        ValueError: If a named parameter does not exist or is frozen, or nothing trainable
+            is chosen.
     """
     named = dict(model.named_parameters())
     if subset == "all":
@@ -97,6 +98,13 @@ def select(model: nn.Module, subset: SubsetSpec, last_layer: str | None = None) 
                 f"valid names are {list(named)}."
             )
         chosen = [name for name in named if name in set(subset)]
+        frozen = [name for name in chosen if not named[name].requires_grad]
+        if frozen:
+            raise ValueError(
+                f"subset names frozen parameters (requires_grad=False): {frozen}; the "
+                "posterior covers trainable parameters only. Set requires_grad=True on them "
+                "or leave them out of the list."
+            )
     trainable = [name for name in chosen if named[name].requires_grad]
     if not trainable:
         raise ValueError(

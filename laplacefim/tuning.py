@@ -96,6 +96,14 @@ def gridsearch(
         for value in values
     ]
     best = min(range(len(scores)), key=scores.__getitem__)
+    if len(scores) > 1 and best in (0, len(scores) - 1):
+        edge = "smallest" if best == 0 else "largest"
+        warnings.warn(
+            f"gridsearch chose the {edge} prior precision of its grid ({float(values[best]):.3g}):"
+            " the best value may lie beyond it; extend grid= past that end.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return values[best], len(scores)
 
 

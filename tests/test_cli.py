@@ -194,8 +194,9 @@ def test_demo_quick_json_writes_report_and_plots(tmp_path: Path) -> None:
         for values in report["ood"][name].values():
             assert set(values) == {"auroc", "aupr", "fpr95"}
         if name != "map":
-            prior = spec["prior_precision"]  # layer-wise: one value per layer
-            assert isinstance(prior, list) and len(prior) >= 1 and min(prior) > 0
+            prior = spec["prior_precision"]  # one value per layer (a number for one)
+            values = prior if isinstance(prior, list) else [prior]
+            assert len(values) == (1 if name == "last_layer_kron" else 3) and min(values) > 0
             assert spec["prior_structure"] == "layerwise"
             assert isinstance(spec["tune_converged"], bool)
     assert {"train_s", "total_s", "wall_s", "methods"} <= set(report["timings"])
