@@ -125,6 +125,8 @@ def train_marglik(
     one (else the rows counted in one pass over it); after it, ``N`` is the fitted count
     (tokens for token-level targets).
 
+    The model trains in train mode; its mode on entry is restored at the end.
+
     With a ``torch.distributed`` process group, each rank trains on the batches its loader
     yields, gradients are averaged over ranks after each step (a no-op for a model already
     wrapped in ``DistributedDataParallel``; equal batch sizes on every rank make a step
@@ -201,6 +203,7 @@ def train_marglik(
         desc="train_marglik",
         disable=not progress or distributed.rank() != 0,
     )
+    was_training = model.training
     for epoch in bar:
         start = time.perf_counter()
         model.train()
@@ -229,6 +232,7 @@ def train_marglik(
             raise ValueError("train_loader yielded no batch.")
         with torch.no_grad():
             penalty = sum(float((priors[n] * p.square()).sum()) for n, p in trainable)
+        loss = float(total) / n_batches + 0.5 * penalty / n_data
         evidence: float | None = None
         val_nll: float | None = None
         if epoch == epochs or (epoch > burnin and (epoch - burnin) % marglik_frequency == 0):
@@ -244,7 +248,7 @@ def train_marglik(
                 val_nll = _validation_nll(model, la, val_loader, device)
         record = MarglikEpoch(
             epoch,
-            float(total) / n_batches + 0.5 * penalty / n_data,
+            loss,
             evidence,
             la.prior_precision.detach().clone(),
             la.sigma_noise.detach().clone(),
@@ -259,6 +263,7 @@ def train_marglik(
         _, kept, weights, state = best
         model.load_state_dict(weights)
         la.load_state_dict(state)
+    model.train(was_training)
     return MarglikResult(la, model, tuple(history), kept)
 
 
