@@ -93,6 +93,11 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int, n_val: float, n_test: float,
     return x_train, y_train, x_val, y_val, x_test, y_test
 
 
+def _pairs(xs: list[Tensor], ys: list[Tensor]) -> tuple[Tensor, ...]:
+    """``(x_train, y_train, x_val, y_val, x_test, y_test)`` from the three splits."""
+    return (xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
+
+
 def _photo_patches(n: int, generator: torch.Generator) -> Tensor:
     """8x8 grey patches (average-pooled 32x32 crops) of the two bundled photographs."""
     from sklearn.datasets import load_sample_images
@@ -127,19 +132,14 @@ def digits_task(seed: int, epochs: int) -> Task:
     return Task(
         "digits",
         "classification",
-        xs[0],
-        ys[0],
-        xs[1],
-        ys[1],
-        xs[2],
-        ys[2],
-        (64, 128, 128, 10),
-        epochs,
-        64,
-        1e-3,
-        shifted,
-        {},
-        ood,
+        *_pairs(xs, ys),
+        widths=(64, 128, 128, 10),
+        epochs=epochs,
+        batch_size=64,
+        lr=1e-3,
+        shifted=shifted,
+        shift_labels={},
+        ood=ood,
     )
 
 
@@ -165,19 +165,14 @@ def mnist1d_task(seed: int, epochs: int) -> Task:
     return Task(
         "mnist1d",
         "classification",
-        xs[0],
-        ys[0],
-        xs[1],
-        ys[1],
-        xs[2],
-        ys[2],
-        (40, 128, 128, 10),
-        epochs,
-        100,
-        1e-3,
-        shifted,
-        labels,
-        {},
+        *_pairs(xs, ys),
+        widths=(40, 128, 128, 10),
+        epochs=epochs,
+        batch_size=100,
+        lr=1e-3,
+        shifted=shifted,
+        shift_labels=labels,
+        ood={},
     )
 
 
@@ -198,19 +193,14 @@ def tabular_task(name: str, seed: int, epochs: int) -> Task:
     return Task(
         name,
         "binary" if binary else "regression",
-        xs[0],
-        ys[0],
-        xs[1],
-        ys[1],
-        xs[2],
-        ys[2],
-        (d, 32, 1),
-        epochs,
-        32,
-        1e-3,
-        {},
-        {},
-        {},
+        *_pairs(xs, ys),
+        widths=(d, 32, 1),
+        epochs=epochs,
+        batch_size=32,
+        lr=1e-3,
+        shifted={},
+        shift_labels={},
+        ood={},
     )
 
 
