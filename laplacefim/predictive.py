@@ -33,7 +33,7 @@ def check_inputs(x: object, fit: FitState, io: ModelIO) -> object:
     Raises:
         TypeError: For inputs that are neither a tensor nor a mapping of tensors.
         ValueError: For inputs on another device or of another shape, or rows with NaN
-            or infinite values (named).
+            (or, for tensor inputs, infinite) values, named.
     """
     device = fit.mean.device
     if isinstance(x, Tensor):
@@ -48,15 +48,17 @@ def check_inputs(x: object, fit: FitState, io: ModelIO) -> object:
                 f"inputs are on {value.device} but the model is on {device}; "
                 f"move them with x.to({str(device)!r})."
             )
-    for value in tensors:
+    for value in tensors:  # in a mapping, -inf may be an additive attention mask: NaN only
         if value.dtype.is_floating_point and value.ndim > 0:
-            finite = torch.isfinite(value.reshape(len(value), -1)).all(dim=1)
-            if not bool(finite.all()):
-                rows = torch.nonzero(~finite).reshape(-1).tolist()
+            flat = value.reshape(len(value), -1)
+            bad = (~torch.isfinite(flat) if isinstance(x, Tensor) else torch.isnan(flat)).any(1)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).reshape(-1).tolist()
                 shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+                kind = "NaN or infinite values" if isinstance(x, Tensor) else "NaN values"
                 raise ValueError(
-                    f"inputs hold NaN or infinite values in {len(rows)} row(s): {shown}; "
-                    "a prediction there would be NaN. Drop or repair those rows."
+                    f"inputs hold {kind} in {len(rows)} row(s): {shown}; a prediction there "
+                    "would be NaN. Drop or repair those rows."
                 )
     shape = fit.input_shape
     if isinstance(x, Tensor) and shape is not None and tuple(x.shape[1:]) != shape:

@@ -96,8 +96,9 @@ def gridsearch(
         for value in values
     ]
     best = min(range(len(scores)), key=scores.__getitem__)
-    if len(scores) > 1 and best in (0, len(scores) - 1):
-        edge = "smallest" if best == 0 else "largest"
+    chosen = values[best]
+    if len(scores) > 1 and (chosen == values.min() or chosen == values.max()):
+        edge = "smallest" if chosen == values.min() else "largest"
         warnings.warn(
             f"gridsearch chose the {edge} prior precision of its grid ({float(values[best]):.3g}):"
             " the best value may lie beyond it; extend grid= past that end.",

@@ -79,3 +79,29 @@ def test_gridsearch_warns_when_it_ends_on_an_edge():
         warnings.simplefilter("error", RuntimeWarning)
         result = la.tune_prior("gridsearch", val_loader=val, grid=grid)
     assert float(result.prior_precision) == pytest.approx(best)
+
+
+class _Masked(nn.Module):
+    """Takes a mapping with an additive float mask (0 or -inf), as attention models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3, dtype=DTYPE)
+
+    def forward(self, inputs):
+        keep = torch.isfinite(inputs["mask"]).to(DTYPE)  # -inf masks a feature out
+        return self.linear(inputs["x"] * keep)
+
+
+def test_mapping_inputs_may_hold_inf_masks_but_not_nan():
+    _, x, y, _ = _problem()
+    mask = torch.zeros_like(x)
+    mask[:, 2] = float("-inf")
+    batches = [{"x": x[i : i + 10], "mask": mask[i : i + 10], "y": y[i : i + 10]} for i in (0, 10)]
+    la = Laplace(_Masked(), structure="kron", y_key="y").fit(batches)
+    probs = la.predict({"x": x[:4], "mask": mask[:4]}).probs
+    assert probs.isfinite().all()
+    bad = x[:4].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN values in 1 row\(s\): 3"):
+        la.predict({"x": bad, "mask": mask[:4]})
