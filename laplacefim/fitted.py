@@ -143,14 +143,9 @@ class FittedPosterior:
     def parameter_priors(self) -> dict[str, Tensor]:
         """The prior precision of each chosen parameter tensor, shaped like the tensor."""
         fit = self._fitted()
-        flat = fit.layout.per_param(self._hyper.prior_precision.to(fit.mean))
-        sizes = [p.numel() for p in fit.selection.params]
-        return {
-            name: part.reshape(p.shape)
-            for name, p, part in zip(
-                fit.selection.names, fit.selection.params, flat.split(sizes), strict=True
-            )
-        }
+        return fit.selection.unflatten(
+            fit.layout.per_param(self._hyper.prior_precision.to(fit.mean))
+        )
 
     @property
     def last_layer(self) -> str | None:

@@ -35,6 +35,15 @@ class Selection:
         """The chosen parameters as one detached flat vector ``(P,)``."""
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
+    def unflatten(self, rows: Tensor) -> dict[str, Tensor]:
+        """A flat ``(P,)`` vector, or rows ``(m, P)``, as ``(*shape)`` / ``(m, *shape)``
+        tensors by parameter name."""
+        parts = rows.split([p.numel() for p in self.params], dim=-1)
+        return {
+            name: part.reshape(*rows.shape[:-1], *p.shape)
+            for name, part, p in zip(self.names, parts, self.params, strict=True)
+        }
+
 
 def validate_subset(subset: object) -> SubsetSpec:
     """Check the type of a ``subset`` option once, at the API boundary.

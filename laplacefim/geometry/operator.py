@@ -120,12 +120,7 @@ class CurvatureOperator:
 
     def unflatten(self, rows: Tensor) -> dict[str, Tensor]:
         """Rows ``(m, P)`` as a dict of ``(m, *shape)`` tensors, by parameter name."""
-        sizes = [p.numel() for p in self.selection.params]
-        parts = rows.split(sizes, dim=-1)
-        return {
-            name: part.reshape(*rows.shape[:-1], *p.shape)
-            for name, part, p in zip(self.names, parts, self.selection.params, strict=True)
-        }
+        return self.selection.unflatten(rows)
 
     def flatten(self, tensors: dict[str, Tensor], batch_dims: int = 1) -> Tensor:
         """Inverse of :meth:`unflatten`."""
