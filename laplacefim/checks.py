@@ -45,6 +45,11 @@ def number(value: Any, name: str, *, positive: bool = False, non_negative: bool 
     return value
 
 
+def scalar_if_single(tensor: Tensor) -> Tensor:
+    """A one-element tensor ``(1,)`` as a 0-d one (laplace-torch's habit); others as given."""
+    return tensor.reshape(()) if tensor.shape == (1,) else tensor
+
+
 def hyperparameter(value: Any, name: str, *, allow_zero: bool) -> Tensor:
     """A prior precision, noise or temperature: a number or a floating tensor, finite and
     ``> 0`` (``>= 0`` with ``allow_zero``); Python numbers are kept in float64, and a
@@ -60,8 +65,7 @@ def hyperparameter(value: Any, name: str, *, allow_zero: bool) -> Tensor:
         tensor = value.detach()
         if not tensor.dtype.is_floating_point:
             tensor = tensor.to(torch.float64)
-        if tensor.shape == (1,):
-            tensor = tensor.reshape(())
+        tensor = scalar_if_single(tensor)
     else:
         tensor = torch.tensor(float(value), dtype=torch.float64)
     bad = ~torch.isfinite(tensor) | (tensor < 0 if allow_zero else tensor <= 0)

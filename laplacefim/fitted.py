@@ -200,8 +200,7 @@ class FittedPosterior:
             value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
         )
         tensor = tensor.to(device=self._fitted().mean.device, dtype=torch.float64)
-        if tensor.shape == (1,):  # one element: a scalar (kept differentiable)
-            tensor = tensor.reshape(())
+        tensor = checks.scalar_if_single(tensor)  # kept differentiable
         if not bool((torch.isfinite(tensor) & (tensor > 0)).all()):
             raise ValueError(f"{name} must be finite and > 0 for the evidence, got {value!r}.")
         return tensor
