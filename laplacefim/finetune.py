@@ -10,7 +10,7 @@ from torch import nn
 
 from laplacefim import checks
 from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
-from laplacefim.fitting import model_device
+from laplacefim.fitting import batch_log_likelihood, model_device
 from laplacefim.inputs import to_device
 from laplacefim.optim import NaturalGradient
 
@@ -58,7 +58,7 @@ def finetune(
     )
     if ngd.curvature_kind is config.kind:
         ngd.set_statistics(fit.curvature, fit.n_data)
-    likelihood, noise = config.likelihood, hyper.sigma_noise
+    noise = hyper.sigma_noise
     device = model_device(model)
     for _ in range(epochs):
         for index, batch in enumerate(loader):
@@ -66,10 +66,8 @@ def finetune(
             x, y = to_device(x, device), y.to(device)
             for p in fit.selection.params:
                 p.grad = None
-            f = likelihood.outputs(config.io.call(model, x))
-            targets = likelihood.targets(f.detach(), y)
-            stats = likelihood.loss_stats(f, targets.values)
-            nll = -likelihood.log_likelihood(stats, f.shape[0], noise.to(f)) / f.shape[0]
+            batch = batch_log_likelihood(model, config, x, y, noise)
+            nll = -batch.value / batch.rows
             theta = torch.cat([p.reshape(-1) for p in fit.selection.params])
             (nll + 0.5 * prior * theta.square().sum() / fit.n_data).backward()
             ngd.step(x, y, generator=generator)

@@ -75,6 +75,33 @@ def statistics_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return param_dtype if torch.finfo(param_dtype).bits >= 32 else torch.float32
 
 
+@dataclass(frozen=True)
+class BatchLogLikelihood:
+    """The log-likelihood of one batch under the model, differentiable in its parameters.
+
+    Attributes:
+        value: ``log p(y | f(x))`` summed over the batch, at the given noise.
+        count: Data in the batch (rows, or non-ignored tokens for token-level targets).
+        rows: Rows of the model's outputs ``(B, C)`` (``B·T`` for sequence outputs).
+    """
+
+    value: Tensor
+    count: int | Tensor
+    rows: int
+
+
+def batch_log_likelihood(
+    model: nn.Module, config: CurvatureConfig, x: object, y: Tensor, noise: Tensor
+) -> BatchLogLikelihood:
+    """Run ``model`` on inputs ``x`` (already on its device) and score targets ``y``."""
+    likelihood = config.likelihood
+    f = likelihood.outputs(config.io.call(model, x))
+    targets = likelihood.targets(f.detach(), y)
+    stats = likelihood.loss_stats(f, targets.values)
+    value = likelihood.log_likelihood(stats, f.shape[0], noise.to(f))  # the count: constants
+    return BatchLogLikelihood(value, targets.count, f.shape[0])
+
+
 def _length(loader: Iterable[Any]) -> int | None:
     try:
         return len(loader)  # type: ignore[arg-type]

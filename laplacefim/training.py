@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from laplacefim import checks, distributed
-from laplacefim.fitting import model_device
+from laplacefim.fitting import batch_log_likelihood, model_device
 from laplacefim.inputs import to_device
 from laplacefim.laplace import Laplace
 from laplacefim.options import PriorStructure, parse_option
@@ -188,7 +188,7 @@ def train_marglik(
         sigma_noise=sigma_noise,
         **laplace_options,
     )
-    config, lik = la.config, la.config.likelihood
+    config = la.config
     device = model_device(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
@@ -214,11 +214,8 @@ def train_marglik(
             x, y = config.io.split(batch, index)
             x, y = to_device(x, device), y.to(device)
             optim.zero_grad(set_to_none=True)
-            f = lik.outputs(config.io.call(model, x))
-            targets = lik.targets(f.detach(), y)
-            stats = lik.loss_stats(f, targets.values)
-            log_lik = lik.log_likelihood(stats, f.shape[0], noise.to(f))  # the count: constants
-            nll = -log_lik / targets.count / la.temperature
+            scored = batch_log_likelihood(model, config, x, y, noise)
+            nll = -scored.value / scored.count / la.temperature
             nll.backward()
             _average_gradients(params)
             with torch.no_grad():  # the prior's gradient δ θ / N, added without autograd
@@ -323,19 +320,16 @@ def _validation_nll(
     model: nn.Module, la: Laplace, loader: Iterable[Any], device: torch.device
 ) -> float:
     """Mean negative log-likelihood of the network (not the posterior) on ``loader``."""
-    config, lik = la.config, la.config.likelihood
+    config = la.config
     noise = la.sigma_noise.to(device)
     total, count = 0.0, 0.0
     model.eval()
     with torch.no_grad():
         for index, batch in enumerate(loader):
             x, y = config.io.split(batch, index)
-            f = lik.outputs(config.io.call(model, to_device(x, device)))
-            targets = lik.targets(f, y.to(device))
-            stats = lik.loss_stats(f, targets.values)
-            n = int(targets.count)
-            total -= float(lik.log_likelihood(stats, n, noise.to(f)))
-            count += n
+            scored = batch_log_likelihood(model, config, to_device(x, device), y.to(device), noise)
+            total -= float(scored.value)
+            count += int(scored.count)
     return total / max(count, 1.0) if count else math.nan
 
 
