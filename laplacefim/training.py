@@ -71,19 +71,15 @@ class MarglikResult:
         history: One record per epoch.
         epoch: The epoch whose weights were kept: the evidence step with the highest
             evidence (``keep_best=True``), or the last epoch.
+        log_marginal_likelihood: The log evidence of the kept weights: compare it across
+            architectures.
     """
 
     laplace: Laplace
     model: nn.Module
     history: tuple[MarglikEpoch, ...]
     epoch: int
-
-    @property
-    def log_marginal_likelihood(self) -> float:
-        """The log evidence of the kept weights: compare it across architectures."""
-        value = self.history[self.epoch - 1].log_marginal_likelihood
-        assert value is not None  # kept epochs always took an evidence step
-        return value
+    log_marginal_likelihood: float
 
 
 def train_marglik(
@@ -204,6 +200,7 @@ def train_marglik(
         disable=not progress or distributed.rank() != 0,
     )
     was_training = model.training
+    last_evidence = math.nan  # the last epoch always takes an evidence step
     for epoch in bar:
         start = time.perf_counter()
         model.train()
@@ -233,7 +230,7 @@ def train_marglik(
         evidence: float | None = None
         val_nll: float | None = None
         if epoch == epochs or (epoch > burnin and (epoch - burnin) % marglik_frequency == 0):
-            evidence = _evidence_step(
+            evidence = last_evidence = _evidence_step(
                 la, train_loader, prior_kind, tune_noise, n_hypersteps, generator
             )
             n_data = la.n_data
@@ -255,13 +252,13 @@ def train_marglik(
         history.append(record)
         if evidence is not None:
             bar.set_postfix(loss=f"{record.loss:.4g}", lml=f"{evidence:.6g}")
-    kept = epochs
+    kept, kept_evidence = epochs, last_evidence
     if best is not None and best[1] != epochs:
-        _, kept, weights, state = best
+        kept_evidence, kept, weights, state = best
         model.load_state_dict(weights)
         la.load_state_dict(state)
     model.train(was_training)
-    return MarglikResult(la, model, tuple(history), kept)
+    return MarglikResult(la, model, tuple(history), kept, kept_evidence)
 
 
 def _optimizer_factory(

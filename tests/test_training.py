@@ -219,6 +219,7 @@ def test_keep_best_restores_the_weights_and_posterior_of_the_best_evidence(keep_
     best = max(steps, key=steps.__getitem__)
     assert best == 18  # the restore path is exercised
     assert result.epoch == (best if keep_best else 20)
+    assert result.log_marginal_likelihood == evidence[result.epoch]
     la = result.laplace
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert torch.equal(la.mean, weights)  # the posterior describes the weights the model holds
