@@ -1,8 +1,9 @@
-"""The ``laplacefim`` command line: ``laplacefim demo`` and ``laplacefim evaluate``.
+"""The ``laplacefim`` command line: ``demo``, ``evaluate``, ``serve`` and ``export``.
 
 ``demo`` trains a small MLP on scikit-learn's digits and compares MAP with three Laplace
 posteriors under rotation and on out-of-distribution inputs; ``evaluate`` runs the same
-evaluation for your own model, weights and data. Both print a table (or, with
+evaluation for your own model, weights and data (``serve`` and ``export`` are in
+:mod:`laplacefim.cli_serving`). ``demo`` and ``evaluate`` print a table (or, with
 ``--json``, only the JSON report) and write ``report.json`` and PNG plots into ``--out``.
 Errors in the inputs end the program with exit status 1 and a message on stderr (the
 traceback only with ``--debug``); usage errors exit with status 2. See ``docs/cli.md``.
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from laplacefim import cli_serving
 from laplacefim import evaluation as ev
 from laplacefim import report as report_io
 from laplacefim._version import __version__
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrated uncertainty for trained PyTorch models (Laplace / Fisher).",
     )
     parser.add_argument("--version", action="version", version=f"laplacefim {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,evaluate}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,evaluate,serve,export}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"output folder (default: ./{DEFAULT_EVAL_OUT})",
     )
+    cli_serving.add_parsers(sub, common)
     return parser
 
 
@@ -265,7 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_USAGE
         torch.set_num_threads(args.threads)
-    command = {"demo": run_demo_command, "evaluate": run_evaluate_command}[args.command]
+    command = {
+        "demo": run_demo_command,
+        "evaluate": run_evaluate_command,
+        "serve": cli_serving.run_serve_command,
+        "export": cli_serving.run_export_command,
+    }[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

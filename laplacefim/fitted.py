@@ -7,6 +7,7 @@ produced (:mod:`laplacefim.config`) and hands them to functions.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -341,6 +342,59 @@ class FittedPosterior:
             noise=self._hyper.sigma_noise,
             joint_outputs=joint_outputs,
         )
+
+    def export(
+        self,
+        path: str | os.PathLike[str],
+        example_inputs: object,
+        *,
+        method: str | PredictMethod = "glm",
+        n_samples: int = 32,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Write the predictive as a ``torch.export`` program that plain torch runs.
+
+        Load it without laplacefim: ``torch.export.load(path).module()(x)`` returns a dict
+        of tensors named as the fields of :class:`Prediction` (``probs``, ``logit_mean``,
+        ``logit_var``, or ``mean``, ``epistemic_var``, ``aleatoric_var``, ``var``). The
+        batch size is dynamic; other input dimensions are fixed to the example's.
+
+        Args:
+            path: The file to write (conventionally ``.pt2``), atomically.
+            example_inputs: At least two inputs ``(B, ...)`` (or a mapping of them), on the
+                model's device, to trace with.
+            method: ``"glm"`` — the probit GLM predictive, equal to ``la.predict(x)``; only
+                for posteriors whose parameters give the model's output (last layer).
+                ``"nn"`` — the sampling predictive of ``n_samples`` weight draws fixed now,
+                equal to ``la.predict(x, method="nn", n_samples=..., generator=g)`` for a
+                generator ``g`` in the same state.
+            n_samples: Weight draws kept for ``method="nn"``.
+            generator: Random generator of the draws.
+
+        Raises:
+            ValueError: For ``method="glm"`` with parameters below the output layer, an
+                example of fewer than two inputs, or inputs unlike the training inputs.
+
+        Example:
+            >>> la.export("predictive.pt2", x_test[:8])
+            >>> torch.export.load("predictive.pt2").module()(x)["probs"]
+        """
+        from laplacefim.serving.export import GlmPredictive, SampledPredictive, export_program
+
+        method = parse_option(method, PredictMethod, "method")
+        fit = self._fitted()
+        example = check_inputs(example_inputs, fit, self.config.io)
+        module: nn.Module
+        if method is PredictMethod.GLM:
+            module = GlmPredictive(
+                self.model, self.config, self._hyper, fit, self._precisions(), example
+            )
+        else:
+            weights = self.sample(n_samples, generator=generator)
+            module = SampledPredictive(
+                self.model, self.config, self._hyper, fit, weights, self._dtype(fit)
+            )
+        export_program(module, example, path)
 
     def __call__(self, x: object, **options: Any) -> Prediction:
         """Shorthand for :meth:`predict`."""

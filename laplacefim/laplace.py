@@ -29,9 +29,9 @@ from laplacefim.options import (
     parse_option,
 )
 from laplacefim.prediction import Prediction
-from laplacefim.predictive import (
-    glm_prediction,
-)
+from laplacefim.predictive import glm_prediction
+from laplacefim.serving.abstention import AbstentionReport, AbstentionRule, calibrate
+from laplacefim.serving.scores import Score, posterior_scores, shared_normals
 from laplacefim.structures import StructureSpec, make_structure
 from laplacefim.structures.base import Decomposition
 from laplacefim.subsets import SubsetSpec, select, validate_subset
@@ -141,6 +141,7 @@ class Laplace(FittedPosterior):
         self._stale = False
         self._versions: tuple[int, ...] = ()
         self._decompositions: list[Decomposition] | None = None
+        self.abstention: AbstentionRule | None = None
         sigma = checks.hyperparameter(sigma_noise, "sigma_noise", allow_zero=False)
         self._hyper = Hyperparameters(
             self._checked_prior(prior_precision),
@@ -169,6 +170,7 @@ class Laplace(FittedPosterior):
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
         self._hyper = replace(self._hyper, prior_precision=self._checked_prior(value))
+        self.abstention = None  # calibrated for the predictive of the old prior
 
     def _check_noise(self, sigma: Tensor) -> None:
         posterior.check_noise(self.config, self._hyper, self._fit, sigma)
@@ -183,6 +185,7 @@ class Laplace(FittedPosterior):
         sigma = checks.hyperparameter(value, "sigma_noise", allow_zero=False)
         self._check_noise(sigma)
         self._hyper = replace(self._hyper, sigma_noise=sigma)
+        self.abstention = None
 
     def tune_prior(
         self,
@@ -262,6 +265,57 @@ class Laplace(FittedPosterior):
         value = self.log_marginal_likelihood().detach()
         return PriorTuning(self.prior_precision, self.sigma_noise, value, n_iter, converged)
 
+    # ---------------------------------------------------------------- abstention
+    def calibrate_abstention(
+        self,
+        val_loader: Iterable[Any],
+        *,
+        target_coverage: float | None = None,
+        target_risk: float | None = None,
+        score: str | Score | None = None,
+    ) -> AbstentionReport:
+        """Choose when to abstain, on held-out data, and keep the rule with this posterior.
+
+        The rule abstains on inputs whose uncertainty ``score`` is beyond a threshold,
+        chosen so that a fraction ``target_coverage`` of the held-out inputs is answered, or
+        so that the mean loss over the answered ones (error rate; squared error for
+        regression) is at most ``target_risk`` with as many answered as possible. The rule
+        is saved with :meth:`save`, used by :class:`~laplacefim.serving.Predictor`, and
+        dropped when the fit, prior or noise changes (calibrate after tuning).
+
+        Args:
+            val_loader: Held-out batches, as for :meth:`fit` (not the training data).
+            target_coverage: Fraction of inputs to answer, in ``(0, 1]``.
+            target_risk: Largest selective risk, ``>= 0``.
+            score: ``"max_probability"`` (default), ``"entropy"`` or
+                ``"mutual_information"`` for classification; ``"total_variance"``
+                (default) or ``"epistemic_variance"`` for regression.
+
+        Returns:
+            The rule and the risk–coverage curve (with its AURC) it was chosen from.
+
+        Raises:
+            ValueError: For both or neither target, a score that does not apply, or a risk
+                no threshold reaches (the message gives the lowest).
+
+        Example:
+            >>> report = la.calibrate_abstention(val_loader, target_coverage=0.95)
+            >>> report.rule.threshold, report.curve.aurc
+        """
+        fit = self._fitted()
+        report = calibrate(
+            self.config.likelihood.task,
+            lambda x: posterior_scores(self, x, shared_normals),
+            self.config.io,
+            fit.mean.device,
+            val_loader,
+            score=score,
+            target_coverage=target_coverage,
+            target_risk=target_risk,
+        )
+        self.abstention = report.rule
+        return report
+
     # ---------------------------------------------------------------- fine-tuning
     def finetune(
         self,
@@ -318,7 +372,8 @@ class Laplace(FittedPosterior):
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         """Options, prior, noise and fitted statistics: tensors and plain values, no model."""
-        return persistence.state_dict(self.config, self._hyper, self._fit)
+        rule = None if self.abstention is None else self.abstention.to_state()
+        return persistence.state_dict(self.config, self._hyper, self._fit, rule)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; it must match this Laplace's options and model.
@@ -333,6 +388,8 @@ class Laplace(FittedPosterior):
         self.config = config
         self._hyper = hyper
         self._set_fit(fit)
+        rule = state.get("abstention")
+        self.abstention = None if rule is None else AbstentionRule.from_state(rule)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""
@@ -439,6 +496,7 @@ class Laplace(FittedPosterior):
         fit.layout.prior_structure(self.prior_precision)
         self.config = config
         self._set_fit(fit)
+        self.abstention = None  # calibrated for the predictive of the old fit
         return self
 
     def __repr__(self) -> str:

@@ -40,9 +40,12 @@ def options_of(config: CurvatureConfig, hyper: Hyperparameters) -> dict[str, Any
 
 
 def state_dict(
-    config: CurvatureConfig, hyper: Hyperparameters, fit: FitState | None
+    config: CurvatureConfig,
+    hyper: Hyperparameters,
+    fit: FitState | None,
+    abstention: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Options, prior, noise and the fitted statistics (no model)."""
+    """Options, prior, noise, the fitted statistics and the abstention rule (no model)."""
     state: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -50,6 +53,7 @@ def state_dict(
         "prior_precision": hyper.prior_precision.clone(),
         "sigma_noise": hyper.sigma_noise.clone(),
         "fit": None,
+        "abstention": abstention,
     }
     if fit is not None:
         state["fit"] = {

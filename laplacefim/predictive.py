@@ -110,16 +110,24 @@ def glm_moments(
     """Mean ``(B, C)`` and covariance ``(B, C, C)`` of the linearised outputs, chunk by chunk."""
     means, covs = [], []
     for chunk in split_rows(x, chunk_size):
-        rows = engine.jacobian_rows(chunk, batch_size(chunk))
-        n_out = rows.outputs[0].numel()
-        cov = rows.outputs.new_zeros(rows.outputs.shape[0], n_out, n_out, dtype=engine.dtype)
-        for block, precision in zip(curvature.blocks, precisions, strict=True):
-            segments = block.covered(rows.segments)
-            if segments is not None:
-                cov = cov + precision.functional_variance(segments)
-        means.append(rows.outputs.to(engine.dtype))
+        mean, cov = chunk_moments(engine, curvature, precisions, chunk)
+        means.append(mean)
         covs.append(cov)
     return torch.cat(means), torch.cat(covs)
+
+
+def chunk_moments(
+    engine: CurvatureEngine, curvature: BlockDiagonal, precisions: list[Precision], x: object
+) -> tuple[Tensor, Tensor]:
+    """Mean ``(B, C)`` and covariance ``(B, C, C)`` of the linearised outputs at ``x``."""
+    rows = engine.jacobian_rows(x, batch_size(x))
+    n_out = rows.outputs[0].numel()
+    cov = rows.outputs.new_zeros(rows.outputs.shape[0], n_out, n_out, dtype=engine.dtype)
+    for block, precision in zip(curvature.blocks, precisions, strict=True):
+        segments = block.covered(rows.segments)
+        if segments is not None:
+            cov = cov + precision.functional_variance(segments)
+    return rows.outputs.to(engine.dtype), cov
 
 
 def linearised_samples(

@@ -156,6 +156,12 @@ class CurvatureEngine:
         # Modules whose outputs the model changes in place: recorded through clones.
         self.clone: set[str] = set()
 
+    @property
+    def output_is_watched(self) -> bool | None:
+        """Whether the only watched call gives the model's output, so that Jacobian rows
+        need no backward pass (None before the first batch)."""
+        return self._fast
+
     # ---------------------------------------------------------------- one batch
     def batch(self, x: object, y: Tensor, generator: torch.Generator | None) -> BatchRows:
         """Run one batch and return its segments and loss statistics.
