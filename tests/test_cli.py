@@ -463,4 +463,4 @@ def test_python_dash_m_is_the_command_and_prints_the_version():
     help_module = subprocess.run(
         [sys.executable, "-m", "laplacefim", "--help"], capture_output=True, text=True
     )
-    assert help_module.returncode == 0 and "{demo,evaluate}" in help_module.stdout
+    assert help_module.returncode == 0 and "{demo,evaluate,serve,export}" in help_module.stdout
