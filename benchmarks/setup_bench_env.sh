@@ -33,6 +33,7 @@ PEER_DEPS=(
     "scikit-learn"  # the benchmark's data set (load_digits)
     "transformers" "peft"  # architectures.py: BERT with LoRA adapters, built from configs
     "mnist1d" "matplotlib" "pillow"  # calibration.py: MNIST-1D's generator, plots, photos
+    "aiohttp"  # serve.py's load generator (the server itself is the package's serve extra)
 )
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -48,7 +49,7 @@ trap 'rm -f "$CONSTRAINT"' EXIT
 echo "$TORCH_PIN" > "$CONSTRAINT"
 "${PIP[@]}" install -c "$CONSTRAINT" "${PEER_DEPS[@]}"
 "${PIP[@]}" install -c "$CONSTRAINT" --no-deps "${PEER_PINS[@]}"
-"${PIP[@]}" install -c "$CONSTRAINT" -e "$REPO"
+"${PIP[@]}" install -c "$CONSTRAINT" -e "$REPO[serve]"
 if "$VENV/bin/python" -m pip --disable-pip-version-check show -q torchvision >/dev/null 2>&1; then
     "${PIP[@]}" uninstall -y torchvision
 fi

@@ -273,3 +273,16 @@ def test_map_only_server_and_graceful_shutdown(served):
     assert result["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
     assert result["uncertainty"]["mutual_information"] == 0.0
     assert process.wait(timeout=30) in STOPPED
+
+
+def test_serve_command_refuses_bad_options(served, capsys):
+    from laplacefim.cli import main
+
+    _, _, _, directory = served
+    base = ["serve", "--model", f"{MODELS}:make_guarded", "--weights", str(directory / "w.pt")]
+    assert main(base) == 1
+    assert "pass --likelihood" in capsys.readouterr().err
+    assert main([*base, "--laplace", str(directory / "la.pt"), "--max-batch", "0"]) == 1
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--laplace", str(directory / "missing.pt")]) == 1
+    assert "file not found" in capsys.readouterr().err
