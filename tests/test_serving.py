@@ -280,3 +280,21 @@ def test_abstention_rule_round_trips_as_plain_values():
     assert AbstentionRule.from_state(rule.to_state()) == rule
     scores = {"entropy": torch.tensor([0.1, 0.4, 0.41], dtype=DT)}
     assert rule.abstains(scores).tolist() == [False, False, True]
+
+
+def test_regression_abstention_uses_the_squared_error():
+    model, x, g = _trained(2, 7)
+    y = model(x).detach() + 0.3 * torch.randn(240, 2, generator=g, dtype=DT)
+    la = Laplace(model, "regression", subset="all", structure="kron", sigma_noise=0.3)
+    la.fit([(x[:160], y[:160])])
+    report = la.calibrate_abstention([(x[160:], y[160:])], target_coverage=0.75)
+    pred = la.predict(x[160:])
+    total = (pred.epistemic_var + pred.aleatoric_var).sum(-1)
+    answered = total <= report.rule.threshold
+    squared = ((pred.mean - y[160:]) ** 2).sum(-1)
+    assert report.rule.score == "total_variance"
+    assert report.rule.coverage == pytest.approx(float(answered.double().mean()))
+    assert report.rule.coverage >= 0.75
+    assert report.rule.risk == pytest.approx(float(squared[answered].mean()), rel=1e-10)
+    flags = [r.abstain for r in Predictor(model, la).predict(x[160:])]
+    assert flags == (~answered).tolist()
