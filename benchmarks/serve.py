@@ -26,10 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
-import httpx
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -72,6 +72,11 @@ def _prepare(directory: Path, quick: bool) -> np.ndarray:
     return x[1650:].numpy()
 
 
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,9 +109,9 @@ def _start(directory: Path, extra: list[str], args: argparse.Namespace) -> tuple
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
+            _get(url + "/health")
+            return process, url
+        except OSError:
             if process.poll() is not None:
                 raise RuntimeError(process.stderr.read()) from None
             time.sleep(0.2)
@@ -167,9 +172,9 @@ def main() -> None:
             process, url = _start(directory, extra, args)
             try:
                 asyncio.run(_load(url, inputs, min(200, args.requests), args.clients))  # warm-up
-                before = httpx.get(url + "/v1/stats").json()
+                before = _get(url + "/v1/stats")
                 results[name] = asyncio.run(_load(url, inputs, args.requests, args.clients))
-                after = httpx.get(url + "/v1/stats").json()
+                after = _get(url + "/v1/stats")
                 sizes = {
                     int(k): v - before["inputs_per_batch"].get(k, 0)
                     for k, v in after["inputs_per_batch"].items()

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from laplacefim import checks, persistence, posterior
 from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
+from laplacefim.curvature import CurvatureEngine
 from laplacefim.distributions import posterior_distribution
-from laplacefim.fitting import eval_mode
+from laplacefim.fitting import eval_mode, make_engine
 from laplacefim.options import CurvatureKind, Link, PredictMethod, parse_option
 from laplacefim.posterior import PosteriorPrecision
 from laplacefim.prediction import Prediction
@@ -51,6 +52,9 @@ class FittedPosterior:
     _stale: bool
     _versions: tuple[int, ...]
     _decompositions: list[Decomposition] | None
+    # The current precisions and the prediction engine, with what they were made for.
+    _precision_cache: tuple[Hyperparameters, CurvatureConfig, list[Precision]] | None = None
+    _engine_cache: tuple[FitState, CurvatureConfig, CurvatureEngine] | None = None
 
     # ---------------------------------------------------------------- options
     @property
@@ -117,6 +121,8 @@ class FittedPosterior:
     def _set_fit(self, fit: FitState | None) -> None:
         self._fit = fit
         self._decompositions = None
+        self._precision_cache = None
+        self._engine_cache = None
         self._stale = False
         self._versions = () if fit is None else tuple(p._version for p in fit.selection.params)
 
@@ -189,8 +195,23 @@ class FittedPosterior:
         return self._decompositions
 
     def _precisions(self, hyper: Hyperparameters | None = None) -> list[Precision]:
+        """The blocks' precisions at ``hyper`` (the current ones, kept until they change)."""
         fit = self._fitted()
-        return posterior.precisions(self.config, hyper or self._hyper, fit, self._decomposed())
+        if hyper is not None:
+            return posterior.precisions(self.config, hyper, fit, self._decomposed())
+        cached = self._precision_cache
+        if cached is None or cached[0] is not self._hyper or cached[1] is not self.config:
+            precisions = posterior.precisions(self.config, self._hyper, fit, self._decomposed())
+            self._precision_cache = cached = (self._hyper, self.config, precisions)
+        return cached[2]
+
+    def _engine(self, fit: FitState) -> CurvatureEngine:
+        """The engine that gives the Jacobian rows of predictions (kept for this fit)."""
+        cached = self._engine_cache
+        if cached is None or cached[0] is not fit or cached[1] is not self.config:
+            engine = make_engine(self.model, self.config, fit.selection, self._hyper.sigma_noise)
+            self._engine_cache = cached = (fit, self.config, engine)
+        return cached[2]
 
     # ---------------------------------------------------------------- evidence
     def _hyper_value(self, value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
@@ -318,7 +339,7 @@ class FittedPosterior:
         x = check_inputs(x, fit, self.config.io)
         if method is PredictMethod.GLM:
             return glm_prediction(
-                self.model,
+                self._engine(fit),
                 self.config,
                 self._hyper,
                 fit,

@@ -240,7 +240,7 @@ class Laplace(FittedPosterior):
             def predict(prior: Tensor, x: object) -> Prediction:
                 hyper = replace(self._hyper, prior_precision=prior)
                 precisions = self._precisions(hyper)
-                return glm_prediction(self.model, self.config, hyper, fit, precisions, x)
+                return glm_prediction(self._engine(fit), self.config, hyper, fit, precisions, x)
 
             best, n_points = tuning.gridsearch(
                 val_loader, grid, self.config, fit.mean.device, predict

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from laplacefim.config import CurvatureConfig, FitState, Hyperparameters
 from laplacefim.curvature import CurvatureEngine
-from laplacefim.fitting import eval_mode, make_engine
+from laplacefim.fitting import eval_mode
 from laplacefim.inputs import ModelIO, batch_size, split_rows
 from laplacefim.options import Link
 from laplacefim.prediction import Prediction
@@ -72,7 +72,7 @@ def check_inputs(x: object, fit: FitState, io: ModelIO) -> object:
 
 
 def glm_prediction(
-    model: torch.nn.Module,
+    engine: CurvatureEngine,
     config: CurvatureConfig,
     hyper: Hyperparameters,
     fit: FitState,
@@ -85,9 +85,9 @@ def glm_prediction(
     joint_outputs: bool = False,
     chunk_size: int = 256,
 ) -> Prediction:
-    """The linearised predictive at ``x``: ``N(f(x), J Σ Jᵀ)`` through the likelihood."""
-    with eval_mode(model):
-        engine = make_engine(model, config, fit.selection, hyper.sigma_noise)
+    """The linearised predictive at ``x``: ``N(f(x), J Σ Jᵀ)`` through the likelihood
+    (``engine``: one made by :func:`~laplacefim.fitting.make_engine` for this fit)."""
+    with eval_mode(engine.model):
         mean, cov = glm_moments(engine, fit.curvature, precisions, x, chunk_size)
     return config.likelihood.predictive(
         mean,

@@ -286,3 +286,9 @@ def test_serve_command_refuses_bad_options(served, capsys):
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     assert main([*base, "--laplace", str(directory / "missing.pt")]) == 1
     assert "file not found" in capsys.readouterr().err
+    state = torch.load(directory / "w.pt")
+    state["net.0.weight"] = state["net.0.weight"] + 0.01  # not the weights it was fitted at
+    torch.save(state, directory / "other.pt")
+    other = ["serve", "--model", f"{MODELS}:make_guarded", "--weights", str(directory / "other.pt")]
+    assert main([*other, "--laplace", str(directory / "la.pt")]) == 1
+    assert "differ from the fitted mean" in capsys.readouterr().err

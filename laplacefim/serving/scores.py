@@ -91,6 +91,31 @@ def _entropy(p: Tensor) -> Tensor:
     return torch.special.entr(p).sum(-1)
 
 
+def _mutual_information(mean: Tensor, cov: Tensor, normals: Callable[[int], Tensor]) -> Tensor:
+    """``H[E_s p_s] − E_s H[p_s]`` over logits ``mean + L z_s`` (``L Lᵀ = cov``), in the
+    logits' dtype (the factor in float64); one logit is the class pair ``[0, logit]``."""
+    dtype = mean.dtype
+    if mean.ndim == 1:  # one logit: N(mean, var), the draws' first column
+        z = normals(1).to(dtype)
+        logit = mean + cov.clamp_min(0).sqrt() * z  # (S, B)
+        logits = torch.stack([torch.zeros_like(logit), logit], -1)
+    else:
+        cov = cov.double()
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+        scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None].clamp_min(1e-300)
+        chol, _ = torch.linalg.cholesky_ex(cov + 1e-10 * scale * eye)
+        z = normals(cov.shape[-1]).to(dtype)
+        n_rows, n_classes = mean.shape
+        factor = chol.to(dtype).reshape(n_rows * n_classes, n_classes)
+        logits = mean + (z @ factor.T).reshape(z.shape[0], n_rows, n_classes)
+    log_p = logits.log_softmax(-1)
+    p = log_p.exp()
+    p_mean = p.mean(0)
+    total = -(p_mean * p_mean.clamp_min(torch.finfo(dtype).tiny).log()).sum(-1)
+    aleatoric = -(p * log_p).sum(-1).mean(0)
+    return (total - aleatoric).clamp_min(0.0)
+
+
 def classification_scores(
     probs: Tensor,
     logit_mean: Tensor | None,
@@ -110,17 +135,7 @@ def classification_scores(
     if logit_mean is None or logit_cov is None:
         mutual = torch.zeros_like(entropy)
     else:
-        mean, cov = logit_mean.double(), logit_cov.double()
-        if mean.ndim == 1:  # one logit: N(mean, var), the draws' first column
-            logits = mean + cov.clamp_min(0).sqrt() * normals(1)  # (S, B)
-            samples = as_classes(torch.sigmoid(logits).reshape(-1)).reshape(*logits.shape, 2)
-        else:
-            eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-            scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None].clamp_min(1e-300)
-            chol, _ = torch.linalg.cholesky_ex(cov + 1e-10 * scale * eye)
-            logits = mean + torch.einsum("bcd,sd->sbc", chol, normals(cov.shape[-1]))
-            samples = logits.softmax(-1)
-        mutual = (_entropy(samples.mean(0)) - _entropy(samples).mean(0)).clamp_min(0.0)
+        mutual = _mutual_information(logit_mean, logit_cov, normals).double()
     scores = {
         Score.MAX_PROBABILITY.value: p.amax(-1),
         Score.ENTROPY.value: entropy,
