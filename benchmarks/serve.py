@@ -2,8 +2,8 @@
 KFAC posterior, and with an all-weights KFAC GLM posterior, under a bounded load.
 
 Each configuration is started as a real `laplacefim serve` subprocess on 127.0.0.1; a
-client in this process (aiohttp: httpx's async pool was itself the bottleneck past a
-few connections) sends a fixed number of requests (one input each) from N concurrent
+client in this process (aiohttp: httpx's async client was itself the bottleneck at 16
+connections) sends a fixed number of requests (one input each) from N concurrent
 connections and records each request's latency. Reported: requests/s,
 inputs/s, p50/p99 latency, the batch sizes the batcher formed (from /v1/stats) and the
 number of failed requests; then the issue's targets, as ratios measured in this one run.
