@@ -150,6 +150,10 @@ def create_app(
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return _error(error.status_code, str(error.detail))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(error).__name__}: {error}")
+
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
@@ -190,7 +194,10 @@ def create_app(
         except Exception as error:
             return _error(500, f"prediction failed: {type(error).__name__}: {error}")
         results = [r.to_dict() for r in predictor.results(scored)]
-        return JSONResponse({"results": results})
+        try:
+            return JSONResponse({"results": results})
+        except ValueError:  # JSON has no NaN: a number we cannot stand behind
+            return _error(500, "the prediction is not finite (NaN or infinite); not served.")
 
     @app.get("/v1/metadata")
     async def metadata() -> dict[str, Any]:
