@@ -25,7 +25,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.runtime
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,plot,dev]"
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[test,plot,dev,docs]"
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt --no-deps $(ORACLES)
 	touch $@
 
