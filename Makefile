@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench demo-time clean
+.PHONY: demo test lint docs bench demo-time clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check laplacefim tests examples benchmarks
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml) into site/; --strict fails on a broken link.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	@echo "site: $$(pwd)/site/index.html"
 
 demo-time: $(VENV)/.runtime
 	$(BIN)/python benchmarks/demo_time.py

@@ -245,7 +245,9 @@ def coverage(mean: ArrayLike, var: ArrayLike, y: ArrayLike, level: float = 0.9) 
     """Coverage and mean width of the central ``level`` intervals ``mean ± z σ``.
 
     Args:
-        mean, var, y: As in ``gaussian_nll``.
+        mean: Predictive means, as in ``gaussian_nll``.
+        var: Predictive variances, as in ``gaussian_nll``.
+        y: Targets, as in ``gaussian_nll``.
         level: Nominal probability, in ``(0, 1)``; ``z = Φ⁻¹((1 + level) / 2)``.
 
     Returns:
@@ -270,7 +272,9 @@ def calibration_error(
     (Kuleshov et al., 2018, use a weighted squared gap instead).
 
     Args:
-        mean, var, y: As in ``gaussian_nll``.
+        mean: Predictive means, as in ``gaussian_nll``.
+        var: Predictive variances, as in ``gaussian_nll``.
+        y: Targets, as in ``gaussian_nll``.
         levels: Quantile levels in ``(0, 1)``; by default 0.05, 0.10, …, 0.95.
 
     Returns:
