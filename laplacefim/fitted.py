@@ -426,25 +426,45 @@ class FittedPosterior:
         x: object,
         n_samples: int,
         *,
+        method: str | PredictMethod = "glm",
         generator: torch.Generator | None = None,
         chunk_size: int = 256,
     ) -> Tensor:
-        """Function samples of the linearised model, ``(S, B, C)`` (or ``(S, B, K)``).
+        """Function samples ``(S, B, C)`` (or ``(S, B, K)``) at weight draws from the posterior.
 
-        Each sample uses one weight draw for all inputs, so samples are jointly correct:
-        their covariance across inputs is the GLM's ``J(x) Σ J(x')ᵀ``.
+        ``method="glm"``: samples of the linearised model, ``f(x) + J(x) δₛ``;
+        ``method="nn"``: the network's outputs with the chosen parameters set to each draw.
+        Each sample uses one weight draw for all inputs, so samples are jointly correct
+        (for ``"glm"`` their covariance across inputs is ``J(x) Σ J(x')ᵀ``).
 
         Args:
             x: Inputs ``(B, ...)``, or a mapping of them.
             n_samples: Number of function samples ``S``.
+            method: ``"glm"`` or ``"nn"``.
             generator: Random generator on the model's device.
             chunk_size: Inputs processed at a time.
         """
+        method = parse_option(method, PredictMethod, "method")
         fit = self._fitted()
         x = check_inputs(x, fit, self.config.io)
-        deltas = self.sample(n_samples, generator=generator) - fit.mean
+        weights = self.sample(n_samples, generator=generator)
         with eval_mode(self.model):
-            raw = linearised_samples(
-                self.model, self.config.io, fit.selection.names, deltas, x, chunk_size=chunk_size
-            )
+            if method is PredictMethod.GLM:
+                raw = linearised_samples(
+                    self.model,
+                    self.config.io,
+                    fit.selection.names,
+                    weights - fit.mean,
+                    x,
+                    chunk_size=chunk_size,
+                )
+            else:
+                raw = sampled_outputs(
+                    self.model,
+                    self.config.io,
+                    fit.selection.params,
+                    weights,
+                    x,
+                    chunk_size=chunk_size,
+                )
         return torch.stack([self.config.likelihood.outputs(sample) for sample in raw])

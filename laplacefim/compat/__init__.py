@@ -1,0 +1,1 @@
+"""Compatibility layers for other libraries' APIs: :mod:`laplacefim.compat.laplace_torch`."""
