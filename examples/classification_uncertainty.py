@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from _smoke import size
 from quickstart import accuracy, digits_loaders, make_mlp, train
 
 from laplacefim import Laplace
@@ -62,7 +63,8 @@ def main() -> None:
         )
 
     # Function samples share one weight draw across inputs: correlated where they should be.
-    samples = la.predictive_samples(x_test[:4], 1000, generator=torch.Generator().manual_seed(2))
+    draws = torch.Generator().manual_seed(2)
+    samples = la.predictive_samples(x_test[:4], size(1000, 20), generator=draws)
     print(
         f"\nfunction samples {tuple(samples.shape)}; logit std of input 0: "
         f"{samples[:, 0].std(0).numpy().round(2)}"

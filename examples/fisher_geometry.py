@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _smoke import size
 from torch import nn
 
 from laplacefim import Laplace
@@ -45,17 +46,18 @@ def digits(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    index = torch.randperm(len(y), generator=generator)[:1400]
+    index = torch.randperm(len(y), generator=generator)[: size(1400, 200)]
     return x[index], y[index]
 
 
 def train(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> nn.Module:
-    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    hidden = size(64, 8)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
     with torch.no_grad():  # seeded initialisation without touching the global seed
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * (1.0 / p.shape[-1]) ** 0.5)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):
+    for _ in range(size(40, 1)):
         for idx in torch.randperm(len(y), generator=generator).split(64):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -80,7 +82,8 @@ def main() -> None:
     loader = [(x[i : i + 200], y[i : i + 200]) for i in range(0, len(y), 200)]
     n_params = sum(p.numel() for p in model.parameters())
     accuracy = (model(x).argmax(1) == y).float().mean()
-    print(f"MLP 64-64-10 on {len(y)} digits: P = {n_params}, train accuracy {accuracy:.3f}")
+    width = model[0].out_features
+    print(f"MLP 64-{width}-10 on {len(y)} digits: P = {n_params}, train accuracy {accuracy:.3f}")
     start = time.perf_counter()
 
     # -- spectra -------------------------------------------------------------------
@@ -95,7 +98,7 @@ def main() -> None:
     overlap = (ggn.eigenvectors[0] @ hess.eigenvectors[0]).abs()
     print(f"|cos| between the top GGN and top Hessian eigenvectors: {overlap:.4f}")
     exact = trace(model, loader, "classification")
-    hutch = trace(model, loader, "classification", n_probes=100, generator=gen)
+    hutch = trace(model, loader, "classification", n_probes=size(100, 5), generator=gen)
     print(
         f"GGN trace: exact {exact.estimate:.2f}, Hutchinson (100 probes) "
         f"{hutch.estimate:.2f} ± {hutch.standard_error:.2f}; top-10 share "
@@ -134,7 +137,7 @@ def main() -> None:
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     random = torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
     directions = {"random": random / random.norm(), "top eigenvector": ggn.eigenvectors[0]}
-    steps = torch.logspace(-3, 0, 7)
+    steps = torch.logspace(-3, 0, size(7, 2))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, d in directions.items():
         ratios = []

@@ -30,6 +30,7 @@ import warnings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # keeps 2-thread torch fast under load
 
 import torch
+from _smoke import size
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -193,10 +194,10 @@ def main() -> None:
     train_rows, test_rows = perm[:600], perm[600:]
 
     model = build(use_peft, gen)
-    train(model, loader(source, y[y < 5], gen), epochs=25, lr=3e-3)  # "pretraining"
+    train(model, loader(source, y[y < 5], gen), epochs=size(25, 1), lr=3e-3)  # "pretraining"
     model = add_adapters(model, use_peft, gen)
     train_loader = loader(target[train_rows], labels[train_rows], gen)
-    train(model, train_loader, epochs=20, lr=1e-2)  # fine-tuning adapters and head
+    train(model, train_loader, epochs=size(20, 1), lr=1e-2)  # fine-tuning adapters and head
     n_total = sum(p.numel() for p in model.parameters())
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     n_lora = sum(v for n, v in trainable.items() if "lora_" in n)

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _smoke import size
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -73,7 +74,7 @@ def main() -> None:
     train_loader, test_loader = digits()
     model = make_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(2):  # brief: a partly trained model
+    for _ in range(size(2, 1)):  # brief: a partly trained model
         for x, y in train_loader:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -94,7 +95,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     # damping λ = 1.4 is a per-datum shift 1e-3 (N = 1,400); the KL clip keeps the first
     # steps short. The prior of the posterior is the regulariser of the fine-tuning.
-    la.finetune(train_loader, epochs=3, lr=0.3, damping=1.4, kl_clip=1e-2, generator=gen)
+    la.finetune(train_loader, epochs=size(3, 1), lr=0.3, damping=1.4, kl_clip=1e-2, generator=gen)
     train_after, test_after = (
         nll_and_accuracy(model, train_loader),
         nll_and_accuracy(model, test_loader),

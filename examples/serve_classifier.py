@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from _smoke import size
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -62,7 +63,7 @@ def main() -> None:
     # 1. train, fit the posterior, tune its prior
     model = make_net()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(40):
+    for _ in range(size(40, 1)):
         for rows in train[torch.randperm(len(train), generator=g)].split(64):
             optimiser.zero_grad()
             nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()

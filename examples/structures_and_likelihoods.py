@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 import torch
+from _smoke import size
 from quickstart import digits_loaders, make_mlp, train
 from sklearn.datasets import load_diabetes
 from torch import nn
@@ -29,7 +30,7 @@ from laplacefim import Laplace, LowRank, metrics
 def compare_structures() -> None:
     train_loader, test_loader = digits_loaders()
     model = make_mlp()
-    train(model, train_loader, epochs=20)
+    train(model, train_loader, epochs=size(20, 1))
     x_test = torch.cat([x for x, _ in test_loader])
     y_test = torch.cat([y for _, y in test_loader])
     print(f"{'structure':<22} {'fit s':>7} {'log evidence':>13} {'test NLL':>9}")
@@ -63,7 +64,7 @@ def heteroscedastic_regression() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 2))  # mean, log σ²
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
+    for _ in range(size(400, 10)):
         optimizer.zero_grad()
         out = model(x[train_idx])
         mean, log_var = out[:, :1], out[:, 1:]
