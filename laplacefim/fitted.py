@@ -137,6 +137,11 @@ class FittedPosterior:
         return self._fitted().n_data
 
     @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one training input (without the batch), None for mapping inputs."""
+        return self._fitted().input_shape
+
+    @property
     def mean(self) -> Tensor:
         """The posterior mean: the chosen parameters at fit time, flat ``(P,)``."""
         return self._fitted().mean

@@ -202,6 +202,10 @@ def test_predictor_takes_mapping_inputs():
     results = predictor.predict(entries[:9])
     expected = la.predict({"input_ids": ids[:9], "attention_mask": mask[:9]}).probs
     assert_close(torch.tensor([r.probabilities for r in results], dtype=DT), expected, 1e-12)
+    reordered = [
+        {"attention_mask": e["attention_mask"], "input_ids": e["input_ids"]} for e in entries
+    ]
+    assert predictor.predict(reordered[:9]) == results  # JSON objects have no key order
     with pytest.raises(InputError, match="same keys"):
         predictor.prepare([entries[0], {"input_ids": entries[1]["input_ids"]}])
 

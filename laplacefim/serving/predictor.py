@@ -161,7 +161,7 @@ class Predictor:
         if all(isinstance(e, Mapping) for e in entries):
             keys = list(entries[0])
             for index, entry in enumerate(entries):
-                if list(entry) != keys:
+                if set(entry) != set(keys):
                     raise InputError(
                         f"input {index} has keys {sorted(entry)} but input 0 has {sorted(keys)}; "
                         "every input needs the same keys."
@@ -176,8 +176,7 @@ class Predictor:
         return x
 
     def _input_shape(self) -> tuple[int, ...] | None:
-        fit = None if self.la is None else self.la._fit
-        return None if fit is None else fit.input_shape
+        return None if self.la is None else self.la.input_shape
 
     def _tensor(self, values: list[Any], name: str, *, floats: bool) -> Tensor:
         try:
