@@ -150,7 +150,13 @@ def export_program(module: nn.Module, example: object, path: str | os.PathLike[s
     Raises:
         ValueError: For an example of fewer than two inputs (a batch of one would be traced
             as a constant size).
+        RuntimeError: With torch older than 2.3.
     """
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 3):
+        raise RuntimeError(
+            f"la.export needs torch >= 2.3 (non-strict torch.export); this is {torch.__version__}."
+        )
     if batch_size(example) < 2:
         raise ValueError(
             "example_inputs must hold at least 2 inputs, so that the batch size is traced "
