@@ -62,7 +62,7 @@ def hyperparameter(value: Any, name: str, *, allow_zero: bool) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}.")
     if isinstance(value, Tensor):
-        tensor = value.detach()
+        tensor = value.detach().clone()  # a copy: the caller's later in-place edits stay theirs
         if not tensor.dtype.is_floating_point:
             tensor = tensor.to(torch.float64)
         tensor = scalar_if_single(tensor)

@@ -53,7 +53,9 @@ class FittedPosterior:
     _versions: tuple[int, ...]
     _decompositions: list[Decomposition] | None
     # The current precisions and the prediction engine, with what they were made for.
-    _precision_cache: tuple[Hyperparameters, CurvatureConfig, list[Precision]] | None = None
+    _precision_cache: (
+        tuple[Hyperparameters, CurvatureConfig, tuple[int, int], list[Precision]] | None
+    ) = None
     _engine_cache: tuple[FitState, CurvatureConfig, CurvatureEngine] | None = None
 
     # ---------------------------------------------------------------- options
@@ -204,11 +206,18 @@ class FittedPosterior:
         fit = self._fitted()
         if hyper is not None:
             return posterior.precisions(self.config, hyper, fit, self._decomposed())
+        hyper = self._hyper
+        key = (hyper.prior_precision._version, hyper.sigma_noise._version)  # in-place edits
         cached = self._precision_cache
-        if cached is None or cached[0] is not self._hyper or cached[1] is not self.config:
-            precisions = posterior.precisions(self.config, self._hyper, fit, self._decomposed())
-            self._precision_cache = cached = (self._hyper, self.config, precisions)
-        return cached[2]
+        if (
+            cached is None
+            or cached[0] is not hyper
+            or cached[1] is not self.config
+            or (cached[2] != key)
+        ):
+            precisions = posterior.precisions(self.config, hyper, fit, self._decomposed())
+            self._precision_cache = cached = (hyper, self.config, key, precisions)
+        return cached[3]
 
     def _engine(self, fit: FitState) -> CurvatureEngine:
         """The engine that gives the Jacobian rows of predictions (kept for this fit)."""

@@ -247,7 +247,7 @@ class Laplace(FittedPosterior):
             )
             self.prior_precision = best
             value = self.log_marginal_likelihood().detach()
-            return PriorTuning(best, self.sigma_noise, value, n_points, True)
+            return PriorTuning(best, self.sigma_noise.clone(), value, n_points, True)
         evidence = posterior.evidence(self.config, self._hyper, fit, self._decomposed())
         prior, sigma, n_iter, converged = tuning.tune_evidence(
             evidence,
@@ -263,7 +263,9 @@ class Laplace(FittedPosterior):
         if tune_noise and self.config.likelihood.has_noise:
             self.sigma_noise = sigma
         value = self.log_marginal_likelihood().detach()
-        return PriorTuning(self.prior_precision, self.sigma_noise, value, n_iter, converged)
+        return PriorTuning(
+            self.prior_precision.clone(), self.sigma_noise.clone(), value, n_iter, converged
+        )
 
     # ---------------------------------------------------------------- abstention
     def calibrate_abstention(

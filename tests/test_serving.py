@@ -302,3 +302,68 @@ def test_regression_abstention_uses_the_squared_error():
     assert report.rule.risk == pytest.approx(float(squared[answered].mean()), rel=1e-10)
     flags = [r.abstain for r in Predictor(model, la).predict(x[160:])]
     assert flags == (~answered).tolist()
+
+
+def test_in_place_edits_of_the_prior_are_seen_and_inputs_are_copied():
+    la, x, _ = _classifier()
+    before = la.predict(x[:5]).logit_var
+    la.prior_precision.mul_(100)  # in place, on the tensor la holds
+    fresh = Laplace(la.model, "classification", subset="all", structure="kron")
+    fresh.fit([(x[:160], la.model(x[:160]).argmax(-1).detach())])
+    fresh.load_state_dict(la.state_dict())
+    assert_close(la.predict(x[:5]).logit_var, fresh.predict(x[:5]).logit_var, 1e-12)
+    assert not torch.allclose(la.predict(x[:5]).logit_var, before)
+    mine = torch.tensor(3.0, dtype=DT)
+    la.prior_precision = mine
+    mine.fill_(1000.0)  # the caller's tensor stays the caller's
+    assert float(la.prior_precision) == 3.0
+
+
+def test_predictor_follows_the_posterior_rule_and_checks_its_own():
+    la, x, y = _classifier()
+    la.calibrate_abstention([(x[160:], y[160:])], target_coverage=0.9)
+    predictor = Predictor(la.model, la)
+    assert predictor.rule == la.abstention
+    la.prior_precision = 5.0  # drops the rule: the predictor must not keep using it
+    assert predictor.rule is None
+    assert predictor.predict(x[:2])[0].abstain is None
+    wrong = AbstentionRule("total_variance", 1.0, 0.9, None, 0.9, 0.1, 0.1, 10)
+    with pytest.raises(ValueError, match="does not have"):
+        Predictor(la.model, la, abstain=wrong)
+    with pytest.raises(InputError, match="empty"):
+        predictor.predict(x[:0])
+
+
+def test_prepare_keeps_float64_numbers_exact():
+    la, _, _ = _classifier()
+    entries = [[0.1, 0.2, 0.3, 1e-17 + 1.0, 1 / 3]]
+    x = Predictor(la.model, la).prepare(entries)
+    assert x.dtype == DT and x.tolist() == entries
+
+
+def test_batcher_answers_what_was_queued_and_refuses_after_stop():
+    import asyncio
+
+    from laplacefim.serving.batcher import MicroBatcher
+
+    la, x, _ = _classifier()
+    predictor = Predictor(la.model, la)
+
+    async def scenario() -> tuple[list, str]:
+        batcher = MicroBatcher(predictor.score, max_batch=4, max_wait=0.01)
+        batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(x[i : i + 3])) for i in range(0, 18, 3)]
+        await asyncio.sleep(0)  # they are queued
+        await batcher.stop()
+        answers = await asyncio.gather(*pending)
+        try:
+            await batcher.submit(x[:1])
+        except RuntimeError as error:
+            return answers, str(error)
+        return answers, ""
+
+    answers, refusal = asyncio.run(scenario())
+    expected = la.predict(x[:18]).probs
+    got = torch.cat([a.probabilities for a in answers])
+    assert_close(got, expected, 1e-12)
+    assert "not running" in refusal

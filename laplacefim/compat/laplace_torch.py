@@ -19,6 +19,7 @@ as well (``lr_hyp`` is unused).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -126,8 +127,8 @@ class Laplace:
     # ------------------------------------------------------------------ attributes
     @property
     def prior_precision(self) -> Tensor:
-        """The prior precision (settable)."""
-        return self.la.prior_precision
+        """The prior precision, 1-d as in laplace-torch (``(1,)`` for a scalar; settable)."""
+        return self.la.prior_precision.reshape(-1)
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
@@ -208,6 +209,12 @@ class Laplace:
         """
         chosen = _value(method)
         structure = _pick(prior_structure, _PRIORS, "prior_structure")
+        if torch.as_tensor(init_prior_prec).numel() != 1:
+            raise ValueError(
+                "init_prior_prec with one value per layer or parameter is not supported; pass "
+                "prior_structure='layerwise' or 'diag' instead (the optimum does not depend on "
+                "the start here)."
+            )
         if chosen == "marglik":
             self.la.tune_prior("marglik", structure, tune_noise=False)
             return
@@ -256,17 +263,21 @@ class Laplace:
         method = _pick(pred_type, ("glm", "nn"), "pred_type")
         link = _pick(link_approx, _LINKS, "link_approx")
         if self.likelihood == "classification":
+            if method == "nn" and link != "mc":
+                raise ValueError(
+                    "pred_type='nn' takes link_approx='mc' only (as in laplace-torch)."
+                )
             pred = self.la.predict(
                 x, method, link if method == "glm" else "probit", n_samples, generator=generator
             )
             return pred.probs  # type: ignore[return-value]
+        joint = method == "glm" and not diagonal_output  # nn: per-output variances, as there
         pred = self.la.predict(
-            x, method, "probit", n_samples, generator=generator, joint_outputs=not diagonal_output
+            x, method, "probit", n_samples, generator=generator, joint_outputs=joint
         )
-        mean = pred.mean
-        if diagonal_output or pred.logit_cov is None:
-            return mean, pred.epistemic_var  # type: ignore[return-value]
-        return mean, pred.logit_cov  # type: ignore[return-value]
+        if joint and pred.logit_cov is not None:
+            return pred.mean, pred.logit_cov  # type: ignore[return-value]
+        return pred.mean, pred.epistemic_var  # type: ignore[return-value]
 
     def predictive_samples(
         self,
@@ -325,14 +336,24 @@ def marglik_training(
     """laplace-torch's ``marglik_training`` on :func:`laplacefim.train_marglik`.
 
     Returns ``(la, model, margliks, losses)``: the fitted all-weights posterior (this
-    module's :class:`Laplace`), the trained model, the evidence of each epoch that took
-    hyperparameter steps, and each epoch's loss. Learning-rate schedulers are refused.
+    module's :class:`Laplace`), the trained model, the negative log evidence after each
+    epoch that took hyperparameter steps (one value per such epoch; laplace-torch records
+    one per Adam step on the hyperparameters), and each epoch's loss. Learning-rate
+    schedulers are refused; a ``weight_decay`` in ``optimizer_kwargs`` is dropped with a
+    warning (the learned prior is the weight decay).
     """
     _refuse("scheduler_cls", scheduler_cls, None)
     _refuse("enable_backprop", bool(enable_backprop), False)
     name = _pick(likelihood, _LIKELIHOODS, "likelihood")
     options = dict(optimizer_kwargs or {"lr": 1e-3})
     lr = float(options.pop("lr", 1e-3))
+    if options.pop("weight_decay", 0):
+        warnings.warn(
+            "weight_decay in optimizer_kwargs is ignored: the learned prior is the weight decay "
+            "(laplace-torch drops it too).",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
         return optimizer_cls(params, lr=lr, **options)
@@ -360,8 +381,8 @@ def marglik_training(
     wrapped = Laplace.__new__(Laplace)
     wrapped.likelihood, wrapped.la, wrapped.model = name, result.laplace, result.model
     wrapped.dict_key_x = dict_key_x
-    margliks = [
-        e.log_marginal_likelihood for e in result.history if e.log_marginal_likelihood is not None
+    margliks = [  # laplace-torch records the negative log evidence
+        -e.log_marginal_likelihood for e in result.history if e.log_marginal_likelihood is not None
     ]
     losses = [e.loss for e in result.history]
     return wrapped, result.model, margliks, losses

@@ -96,23 +96,43 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="laplacefim")
         self._task: asyncio.Task[None] | None = None
         self._carried: _Request | None = None
+        self._closed = False
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
-        """Finish the queued requests, then stop."""
+        """Finish the queued requests, then stop (later submissions raise)."""
+        self._closed = True
         await self._queue.put(None)
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def submit(self, x: object) -> BatchScores:
-        """Queue prepared inputs and wait for their scores."""
+        """Queue prepared inputs and wait for their scores.
+
+        Raises:
+            RuntimeError: After :meth:`stop`, or when the batching loop has ended.
+        """
+        if self._closed or self._task is None or self._task.done():
+            raise RuntimeError("the batcher is not running (the server is shutting down).")
         future: asyncio.Future[BatchScores] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Request(x, batch_size(x), stack_key(x), future))
         return await future
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """When the loop ends (stopped, or by a fault), fail whatever still waits."""
+        self._closed = True
+        error = RuntimeError("the batcher stopped before answering this request.")
+        pending: list[_Request | None] = [self._carried]
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for request in pending:
+            if request is not None and not request.future.done():
+                request.future.set_exception(error)
 
     async def _next(self, timeout: float | None) -> _Request | None:
         if self._carried is not None:
@@ -122,11 +142,19 @@ class MicroBatcher:
             return await self._queue.get()
         return await asyncio.wait_for(self._queue.get(), timeout)
 
+    def _take_nowait(self) -> _Request | None:
+        """The carried or next queued request, without waiting (None when there is none)."""
+        if self._carried is not None:
+            request, self._carried = self._carried, None
+            return request
+        return None if self._queue.empty() else self._queue.get_nowait()
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next(None)
-            if first is None:
+            if first is None:  # stopping: answer what was queued behind the sentinel
+                await self._drain()
                 return
             batch, total = [first], first.n
             deadline = loop.time() + self.max_wait
@@ -149,11 +177,14 @@ class MicroBatcher:
                 total += request.n
             await self._run(batch, total)
             if stopping:
-                while self._carried is not None or not self._queue.empty():
-                    request = await self._next(0)
-                    if request is not None:
-                        await self._run([request], request.n)
+                await self._drain()
                 return
+
+    async def _drain(self) -> None:
+        """Run every request still carried or queued, one by one."""
+        while (request := self._take_nowait()) is not None or not self._queue.empty():
+            if request is not None:
+                await self._run([request], request.n)
 
     async def _run(self, batch: list[_Request], total: int) -> None:
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from laplacefim.serving.scores import (
     BatchScores,
     map_scores,
     posterior_scores,
+    scores_of,
     shared_normals,
 )
 
@@ -124,20 +125,32 @@ class Predictor:
                 raise ValueError("without la, pass likelihood= (e.g. 'classification').")
             self.likelihood = make_likelihood(likelihood)
             self.io = io or ModelIO()
-        if abstain == "auto":
-            abstain = getattr(la, "abstention", None)
-        if abstain is not None and not isinstance(abstain, AbstentionRule):
+        if abstain != "auto" and abstain is not None and not isinstance(abstain, AbstentionRule):
             raise TypeError(f"abstain must be an AbstentionRule, None or 'auto', got {abstain!r}.")
+        allowed = [score.value for score in scores_of(self.likelihood.task)]
+        if isinstance(abstain, AbstentionRule) and abstain.score not in allowed:
+            raise ValueError(
+                f"the abstention rule reads {abstain.score!r}, which a {self.likelihood.task} "
+                f"model does not have; expected one of {allowed}."
+            )
         self.model = model
         self.la = la
         self.batch_size = checks.integer(batch_size, "batch_size")
-        self.rule = abstain
+        self._abstain = abstain
         self.device = model_device(model)
         self.dtype = next(
             (p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32
         )
         self._lock = threading.Lock()
         self.stats = _Stats()
+
+    @property
+    def rule(self) -> AbstentionRule | None:
+        """The abstention rule in force: with ``abstain="auto"``, the posterior's current
+        one (so a refit or a new prior, which drops it, is followed)."""
+        if self._abstain == "auto":
+            return None if self.la is None else self.la.abstention
+        return self._abstain  # type: ignore[return-value]
 
     @property
     def task(self) -> str:
@@ -189,7 +202,7 @@ class Predictor:
         if x.dtype == torch.bool and floats:
             raise InputError(f"{name}: expected numbers, got booleans.")
         if x.dtype.is_floating_point or floats:
-            x = x.to(self.dtype)
+            x = torch.tensor(values, dtype=self.dtype)  # from the numbers, not via float32
             bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1) if x.ndim else ~torch.isfinite(x)
             if bool(bad.any()):
                 rows = torch.nonzero(bad.reshape(-1)).reshape(-1).tolist()[:10]
@@ -199,6 +212,8 @@ class Predictor:
     # ---------------------------------------------------------------- prediction
     def score(self, x: object) -> BatchScores:
         """Predictions and scores of batched inputs, ``batch_size`` at a time (tensors)."""
+        if batch_size(x) == 0:
+            raise InputError("no inputs: the batch is empty.")
         parts = []
         with self._lock:
             for chunk in split_rows(x, self.batch_size):
@@ -243,7 +258,8 @@ class Predictor:
 
     def results(self, scored: BatchScores) -> list[InputResult]:
         """Per-input plain results from a batch's scores."""
-        abstain = None if self.rule is None else self.rule.abstains(scored.scores).tolist()
+        rule = self.rule
+        abstain = None if rule is None else rule.abstains(scored.scores).tolist()
         scores = {k: v.tolist() for k, v in scored.scores.items()}
         ood = scored.ood_score.tolist()
         prediction = scored.prediction.tolist()
@@ -286,7 +302,7 @@ class Predictor:
             "task": self.task,
             "posterior": None,
             "ood_score": OOD_SCORE[self.task].value,
-            "abstention": None if self.rule is None else self.rule.to_state(),
+            "abstention": None if self.rule is None else self.rule.to_state(),  # in force
             "batch_size": self.batch_size,
             "input_shape": None,
         }

@@ -92,21 +92,22 @@ def _entropy(p: Tensor) -> Tensor:
 
 
 def _mutual_information(mean: Tensor, cov: Tensor, normals: Callable[[int], Tensor]) -> Tensor:
-    """``H[E_s p_s] − E_s H[p_s]`` over logits ``mean + L z_s`` (``L Lᵀ = cov``), in the
-    logits' dtype (the factor in float64); one logit is the class pair ``[0, logit]``."""
-    dtype = mean.dtype
+    """``H[E_s p_s] − E_s H[p_s]`` over logits ``mean + L z_s`` (``L Lᵀ = cov``), in float64
+    (so that an input's value does not depend on its batch to float32 rounding); one logit
+    is the class pair ``[0, logit]``."""
+    dtype = torch.float64
+    mean, cov = mean.to(dtype), cov.to(dtype)
     if mean.ndim == 1:  # one logit: N(mean, var), the draws' first column
-        z = normals(1).to(dtype)
+        z = normals(1)
         logit = mean + cov.clamp_min(0).sqrt() * z  # (S, B)
         logits = torch.stack([torch.zeros_like(logit), logit], -1)
     else:
-        cov = cov.double()
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
         scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None].clamp_min(1e-300)
         chol, _ = torch.linalg.cholesky_ex(cov + 1e-10 * scale * eye)
-        z = normals(cov.shape[-1]).to(dtype)
+        z = normals(cov.shape[-1])
         n_rows, n_classes = mean.shape
-        factor = chol.to(dtype).reshape(n_rows * n_classes, n_classes)
+        factor = chol.reshape(n_rows * n_classes, n_classes)
         logits = mean + (z @ factor.T).reshape(z.shape[0], n_rows, n_classes)
     log_p = logits.log_softmax(-1)
     p = log_p.exp()

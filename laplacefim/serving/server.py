@@ -189,9 +189,7 @@ def create_app(
             return _error(rejected.status, rejected.message)
         try:
             scored = await batcher.submit(x)
-        except (ValueError, TypeError) as error:  # the predictive refused these inputs
-            return _error(422, str(error))
-        except Exception as error:
+        except Exception as error:  # the inputs passed the checks: the fault is ours
             return _error(500, f"prediction failed: {type(error).__name__}: {error}")
         results = [r.to_dict() for r in predictor.results(scored)]
         try:
