@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,14 +67,6 @@ class InputResult:
         out["ood_score"] = self.ood_score
         out["abstain"] = self.abstain
         return out
-
-
-@dataclass
-class _Stats:
-    """Counts of what the predictor served (read by the server's statistics)."""
-
-    batches: dict[int, int] = field(default_factory=dict)
-    inputs: int = 0
 
 
 class Predictor:
@@ -142,7 +134,6 @@ class Predictor:
             (p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32
         )
         self._lock = threading.Lock()
-        self.stats = _Stats()
 
     @property
     def rule(self) -> AbstentionRule | None:
@@ -217,9 +208,6 @@ class Predictor:
         parts = []
         with self._lock:
             for chunk in split_rows(x, self.batch_size):
-                n = batch_size(chunk)
-                self.stats.batches[n] = self.stats.batches.get(n, 0) + 1
-                self.stats.inputs += n
                 parts.append(self._score_chunk(chunk))
         return BatchScores(
             prediction=torch.cat([p.prediction for p in parts]),
