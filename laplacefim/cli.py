@@ -28,7 +28,14 @@ from laplacefim import cli_serving
 from laplacefim import evaluation as ev
 from laplacefim import report as report_io
 from laplacefim._version import __version__
-from laplacefim.cli_inputs import CLIError, build_model, load_data, load_ood, load_weights
+from laplacefim.cli_inputs import (
+    CLIError,
+    add_model_arguments,
+    build_model,
+    load_data,
+    load_ood,
+    load_weights,
+)
 from laplacefim.options import CurvatureKind
 from laplacefim.structures import STRUCTURES
 
@@ -115,20 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
             "arrays X_train, y_train, X_test, y_test; the OOD file an array X."
         ),
     )
-    evaluate.add_argument(
-        "--model",
-        required=True,
-        metavar="MODULE:FACTORY",
-        help="a function returning the untrained nn.Module; MODULE is a "
-        "dotted module importable from the current directory or a "
-        "path to a .py file",
-    )
-    evaluate.add_argument(
-        "--weights",
-        required=True,
-        metavar="FILE.pt",
-        help="the model's state_dict, saved with torch.save",
-    )
+    add_model_arguments(evaluate)
     evaluate.add_argument(
         "--data", required=True, metavar="FILE.npz", help="arrays X_train, y_train, X_test, y_test"
     )

@@ -3,6 +3,7 @@ data files, each checked with an error that says what was wrong and how to fix i
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -60,6 +61,25 @@ def _import_module(module_spec: str, model_arg: str) -> ModuleType:
             f"--model {model_arg}: importing {module_spec!r} failed: "
             f"{type(error).__name__}: {error}"
         ) from error
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model MODULE:FACTORY`` and ``--weights FILE.pt``, read by :func:`build_model` and
+    :func:`load_weights`."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="a function returning the untrained nn.Module; MODULE is a "
+        "dotted module importable from the current directory or a "
+        "path to a .py file",
+    )
+    parser.add_argument(
+        "--weights",
+        required=True,
+        metavar="FILE.pt",
+        help="the model's state_dict, saved with torch.save",
+    )
 
 
 def build_model(model_arg: str) -> nn.Module:

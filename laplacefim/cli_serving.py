@@ -11,22 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from laplacefim.cli_inputs import CLIError, build_model, load_weights
+from laplacefim.cli_inputs import CLIError, add_model_arguments, build_model, load_weights
 from laplacefim.inputs import ModelIO
 from laplacefim.laplace import Laplace
 from laplacefim.likelihoods import LIKELIHOODS
 
 
 def _model_arguments(parser: argparse.ArgumentParser, laplace_required: bool) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="MODULE:FACTORY",
-        help="a function returning the untrained nn.Module (a dotted module or a .py path)",
-    )
-    parser.add_argument(
-        "--weights", required=True, metavar="W.pt", help="the model's state_dict (torch.save)"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--laplace",
         required=laplace_required,
