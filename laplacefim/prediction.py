@@ -36,6 +36,12 @@ class Prediction:
     var: Tensor | None = None
 
 
+def variances(cov: Tensor) -> Tensor:
+    """The variances of outputs ``(B, C)``: the diagonal of their covariance ``(B, C, C)``,
+    or ``cov`` itself when it already holds only the variances ``(B, C)``."""
+    return cov if cov.ndim == 2 else cov.diagonal(dim1=-2, dim2=-1)
+
+
 def probit(mean: Tensor, var: Tensor) -> Tensor:
     """Probit approximation: logits scaled by ``1/√(1 + π var / 8)``, then softmax/sigmoid."""
     return mean / torch.sqrt(1.0 + math.pi / 8.0 * var)

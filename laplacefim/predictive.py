@@ -87,8 +87,11 @@ def glm_prediction(
 ) -> Prediction:
     """The linearised predictive at ``x``: ``N(f(x), J Σ Jᵀ)`` through the likelihood
     (``engine``: one made by :func:`~laplacefim.fitting.make_engine` for this fit)."""
+    # Only the Monte-Carlo link and joint outputs need covariances between outputs; the
+    # variances alone cost B·C² for a last layer with C outputs, the covariances B·C³.
+    diagonal = not joint_outputs and link is not Link.MC
     with eval_mode(engine.model):
-        mean, cov = glm_moments(engine, fit.curvature, precisions, x, chunk_size)
+        mean, cov = glm_moments(engine, fit.curvature, precisions, x, chunk_size, diagonal)
     return config.likelihood.predictive(
         mean,
         cov,
@@ -106,26 +109,43 @@ def glm_moments(
     precisions: list[Precision],
     x: object,
     chunk_size: int,
+    diagonal: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Mean ``(B, C)`` and covariance ``(B, C, C)`` of the linearised outputs, chunk by chunk."""
+    """Mean ``(B, C)`` and covariance ``(B, C, C)`` of the linearised outputs, chunk by chunk
+    (see :func:`chunk_moments` for ``diagonal``)."""
     means, covs = [], []
     for chunk in split_rows(x, chunk_size):
-        mean, cov = chunk_moments(engine, curvature, precisions, chunk)
+        mean, cov = chunk_moments(engine, curvature, precisions, chunk, diagonal)
         means.append(mean)
         covs.append(cov)
     return torch.cat(means), torch.cat(covs)
 
 
 def chunk_moments(
-    engine: CurvatureEngine, curvature: BlockDiagonal, precisions: list[Precision], x: object
+    engine: CurvatureEngine,
+    curvature: BlockDiagonal,
+    precisions: list[Precision],
+    x: object,
+    diagonal: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Mean ``(B, C)`` and covariance ``(B, C, C)`` of the linearised outputs at ``x``."""
+    """Mean ``(B, C)`` and covariance ``(B, C, C)`` of the linearised outputs at ``x``.
+
+    With ``diagonal``, outputs ``(B, C)`` get their variances ``(B, C)`` in place of the
+    covariance (the likelihoods' predictives take either); token-level outputs keep the
+    covariance.
+    """
     rows = engine.jacobian_rows(x, batch_size(x))
     n_out = rows.outputs[0].numel()
-    cov = rows.outputs.new_zeros(rows.outputs.shape[0], n_out, n_out, dtype=engine.dtype)
+    diagonal = diagonal and rows.outputs.ndim == 2
+    shape = (n_out,) if diagonal else (n_out, n_out)
+    cov = rows.outputs.new_zeros(rows.outputs.shape[0], *shape, dtype=engine.dtype)
     for block, precision in zip(curvature.blocks, precisions, strict=True):
         segments = block.covered(rows.segments)
-        if segments is not None:
+        if segments is None:
+            continue
+        if diagonal:
+            cov = cov + precision.functional_variance_diagonal(segments)
+        else:
             cov = cov + precision.functional_variance(segments)
     return rows.outputs.to(engine.dtype), cov
 

@@ -148,6 +148,14 @@ def test_glm_covariance_matches_dense_jacobian(arch, structure, subset, case):
 
     chunked = la.predict(x_test, joint_outputs=True, chunk_size=2)  # 5 inputs: 2 + 2 + 1
     whole = la.predict(x_test, joint_outputs=True, chunk_size=256)
+    # Without joint outputs the probit predictive forms the variances alone.
+    alone = la.predict(x_test)
+    assert alone.logit_cov is None
+    assert_close(
+        alone.logit_var if alone.mean is None else alone.epistemic_var,
+        var.squeeze(-1) if likelihood == "binary" else var,
+        RTOL,
+    )
     for pred in (chunked, whole):
         if likelihood == "binary":
             assert pred.logit_mean.shape == (len(x_test),)

@@ -24,6 +24,7 @@ from laplacefim.curvature.rules import GENERIC, RULES, LayerRule
 from laplacefim.curvature.segments import Samples, Segment
 from laplacefim.inputs import ModelIO
 from laplacefim.likelihoods import LikelihoodModel
+from laplacefim.likelihoods.base import OutputCurvature
 from laplacefim.options import CurvatureKind
 from laplacefim.subsets import Selection
 
@@ -183,21 +184,28 @@ class CurvatureEngine:
             self._audited = True
         f, f2, calls = self.forward(x, y.shape[0])
         targets = self.likelihood.targets(f2, y)
-        cols = columns(
-            self.kind,
-            self.likelihood,
-            f2,
-            targets.values,
-            self.noise,
-            fisher_samples=self.fisher_samples,
-            generator=generator,
-        )
-        if targets.weight is not None:  # ignored tokens carry no datum
-            cols = cols * targets.weight[None, ..., None]
-        self.backward(f, cols, calls)
+        segments = None
+        if self._fast and self.kind is CurvatureKind.GGN and targets.weight is None:
+            curvature = self.likelihood.output_curvature(f2, self.noise)
+            if curvature is not None:
+                segments = self.output_segments(calls, curvature)
+        if segments is None:
+            cols = columns(
+                self.kind,
+                self.likelihood,
+                f2,
+                targets.values,
+                self.noise,
+                fisher_samples=self.fisher_samples,
+                generator=generator,
+            )
+            if targets.weight is not None:  # ignored tokens carry no datum
+                cols = cols * targets.weight[None, ..., None]
+            self.backward(f, cols, calls)
+            segments = self.segments(calls)
         loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
         return BatchRows(
-            self.segments(calls),
+            segments,
             f2,
             loss_stats,
             targets.count,
@@ -212,11 +220,37 @@ class CurvatureEngine:
         ``(B, C, P)`` matrix.
         """
         f, f2, calls = self.forward(x, batch)
-        n_out = f2[0].numel()
-        eye = torch.eye(n_out, dtype=f2.dtype, device=f2.device)
-        columns = eye[:, None, :].expand(n_out, f2.shape[0], n_out)
-        self.backward(f, columns.reshape(n_out, *f2.shape), calls)
-        return BatchRows(self.segments(calls), f2)
+        segments = self.output_segments(calls, None) if self._fast else None
+        if segments is None:
+            n_out = f2[0].numel()
+            eye = torch.eye(n_out, dtype=f2.dtype, device=f2.device)
+            columns = eye[:, None, :].expand(n_out, f2.shape[0], n_out)
+            self.backward(f, columns.reshape(n_out, *f2.shape), calls)
+            segments = self.segments(calls)
+        return BatchRows(segments, f2)
+
+    def output_segments(
+        self, calls: dict[str, list[Call]], curvature: OutputCurvature | None
+    ) -> dict[str, list[Segment]] | None:
+        """Segments of the one watched call, which gave the model's output, from the output
+        curvature (the identity when None) without per-datum columns; None where its rule
+        has no such form (then the columns are formed)."""
+        ((name, (call,)),) = [(n, cs) for n, cs in calls.items() if cs]
+        rule = self.rules[name]
+        if rule.output_rows is None:
+            return None
+        found = rule.output_rows(self.modules[name], call, self.wanted[name], curvature)
+        if found is None:
+            return None
+        memo: dict[int, Tensor] = {}
+        out: dict[str, list[Segment]] = {}
+        for slot in self.slots:
+            if len(slot.uses) != 1:  # tied weights: their per-sample gradients add up
+                return None
+            (use,) = slot.uses
+            if use.module == name:
+                out[slot.name] = [s.to(self.dtype, memo) for s in found[use.local]]
+        return out
 
     def forward(self, x: object, batch: int) -> tuple[Tensor, Tensor, dict[str, list[Call]]]:
         """Run the model with the watched modules recorded.

@@ -16,6 +16,7 @@ Conventions (all of laplacefim follows them):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,45 @@ class Targets:
     invalid: Tensor
     count: int | Tensor
     weight: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class OutputCurvature:
+    """Per-datum output curvature ``M_b = diag(d_b) − l_b l_bᵀ`` and a square root of it.
+
+    Attributes:
+        diagonal: ``d`` ``(B, C)``.
+        outer: ``l`` ``(B, C)``, or None when ``M_b`` is diagonal.
+        root: Returns columns ``(V, B, C)`` with ``Σ_v s_v s_vᵀ = M_b`` (formed only when a
+            structure needs the per-datum columns).
+        n_columns: ``V``.
+    """
+
+    diagonal: Tensor
+    outer: Tensor | None
+    root: Callable[[], Tensor]
+    n_columns: int
+
+    def total(self) -> Tensor:
+        """``Σ_b M_b`` ``(C, C)``."""
+        out = torch.diag(self.diagonal.sum(0))
+        if self.outer is not None:
+            out = out - self.outer.T @ self.outer
+        return out
+
+    def diagonals(self) -> Tensor:
+        """``diag(M_b)`` per datum ``(B, C)``."""
+        if self.outer is None:
+            return self.diagonal
+        return self.diagonal - self.outer.square()
+
+    def to(self, dtype: torch.dtype) -> OutputCurvature:
+        """In ``dtype``."""
+        outer = None if self.outer is None else self.outer.to(dtype)
+        root = self.root
+        return OutputCurvature(
+            self.diagonal.to(dtype), outer, lambda: root().to(dtype), self.n_columns
+        )
 
 
 class LikelihoodModel(Protocol):
@@ -85,6 +125,12 @@ class LikelihoodModel(Protocol):
 
     def hessian_sqrt(self, f: Tensor, noise: Tensor) -> Tensor:
         """Columns ``(V, B, C)`` whose outer products sum to the loss Hessian (GGN)."""
+        ...
+
+    def output_curvature(self, f: Tensor, noise: Tensor) -> OutputCurvature | None:
+        """The loss Hessian w.r.t. outputs ``(B, C)`` as ``diag(d) − l lᵀ`` per datum, with
+        :meth:`hessian_sqrt` as its square root; None where it has no such form. It lets a
+        last-layer fit avoid ``(C, B, C)`` columns (``B·C²`` work instead of ``B·C³``)."""
         ...
 
     def sampled_gradients(

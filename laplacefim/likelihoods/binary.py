@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from laplacefim.likelihoods.base import NoNoise, Targets
+from laplacefim.likelihoods.base import NoNoise, OutputCurvature, Targets
 from laplacefim.options import Link
-from laplacefim.prediction import Prediction, mc_logits, probit, sample_moments
+from laplacefim.prediction import Prediction, mc_logits, probit, sample_moments, variances
 
 
 class Binary(NoNoise):
@@ -58,6 +58,11 @@ class Binary(NoNoise):
         p = f.sigmoid()
         return (p * (1 - p)).sqrt()[None]
 
+    def output_curvature(self, f: Tensor, noise: Tensor) -> OutputCurvature | None:
+        """``p(1 − p)``."""
+        p = f.sigmoid()
+        return OutputCurvature(p * (1 - p), None, lambda: self.hessian_sqrt(f, noise), 1)
+
     def sampled_gradients(
         self, f: Tensor, noise: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
@@ -82,7 +87,7 @@ class Binary(NoNoise):
         joint_outputs: bool,
     ) -> Prediction:
         """``P(y = 1)`` from a Gaussian over the logit (probit or Monte Carlo)."""
-        var = cov.diagonal(dim1=-2, dim2=-1)
+        var = variances(cov)
         if link is Link.PROBIT:
             probs = probit(mean[:, 0], var[:, 0]).sigmoid()
         elif link is Link.MC:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from laplacefim.likelihoods.base import NoNoise, Targets
+from laplacefim.likelihoods.base import NoNoise, OutputCurvature, Targets
 from laplacefim.options import Link
 from laplacefim.prediction import (
     Prediction,
@@ -16,6 +16,7 @@ from laplacefim.prediction import (
     mc_logits,
     probit,
     sample_moments,
+    variances,
 )
 
 
@@ -89,6 +90,13 @@ class Classification(NoNoise):
             return columns.permute(1, 0, 2)
         return _per_token(columns)
 
+    def output_curvature(self, f: Tensor, noise: Tensor) -> OutputCurvature | None:
+        """``diag(p) − p pᵀ`` for logits ``(B, C)``; None for token-level logits."""
+        if f.ndim != 2:
+            return None
+        p = f.softmax(dim=-1)
+        return OutputCurvature(p, p, lambda: self.hessian_sqrt(f, noise), f.shape[-1])
+
     def sampled_gradients(
         self, f: Tensor, noise: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
@@ -139,7 +147,7 @@ class Classification(NoNoise):
                 logit_var=flat.logit_var.reshape(mean.shape),  # type: ignore[union-attr]
                 logit_cov=cov if joint_outputs else None,
             )
-        var = cov.diagonal(dim1=-2, dim2=-1)
+        var = variances(cov)
         if link is Link.PROBIT:
             probs = probit(mean, var).softmax(-1)
         elif link is Link.MC:

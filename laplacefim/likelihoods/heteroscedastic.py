@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from laplacefim.likelihoods.base import NoNoise, Targets, floating_targets
+from laplacefim.likelihoods.base import NoNoise, OutputCurvature, Targets, floating_targets
 from laplacefim.likelihoods.regression import gaussian_nll, gaussian_prediction
 from laplacefim.options import Link
-from laplacefim.prediction import Prediction, sample_moments
+from laplacefim.prediction import Prediction, sample_moments, variances
 
 PARAMETRISATIONS = ("log_var", "softplus")
 # Gauss–Hermite nodes for E[softplus(s)²] under a Gaussian s (exact for polynomials of
@@ -130,6 +130,10 @@ class Heteroscedastic(NoNoise):
         scale = self._scale_derivative(raw, sigma).expand_as(z)
         return torch.cat([-z / sigma, (1 - z.square()) * scale], -1)
 
+    def output_curvature(self, f: Tensor, noise: Tensor) -> OutputCurvature | None:
+        """None: the columns are formed (two outputs per target, a small ``C``)."""
+        return None
+
     def sampled_gradients(
         self, f: Tensor, noise: Tensor, n_samples: int, generator: torch.Generator | None
     ) -> Tensor:
@@ -171,9 +175,9 @@ class Heteroscedastic(NoNoise):
     ) -> Prediction:
         """Mean ``μ``; epistemic ``Var[μ]``; aleatoric ``E[σ²]`` under the output Gaussian."""
         k = mean.shape[1] // 2
-        var = cov.diagonal(dim1=-2, dim2=-1)
+        var = variances(cov)
         aleatoric = self._aleatoric(mean[:, k:], var[:, k:])
-        prediction = gaussian_prediction(mean[:, :k], cov[:, :k, :k], aleatoric, False)
+        prediction = gaussian_prediction(mean[:, :k], var[:, :k], aleatoric, False)
         return replace(prediction, logit_cov=cov if joint_outputs else None)
 
     def sampled_predictive(

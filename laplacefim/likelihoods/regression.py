@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from laplacefim.likelihoods.base import Targets, floating_targets
+from laplacefim.likelihoods.base import OutputCurvature, Targets, floating_targets
 from laplacefim.options import CurvatureKind, Link
-from laplacefim.prediction import Prediction, sample_moments
+from laplacefim.prediction import Prediction, sample_moments, variances
 
 
 def _sigma(f: Tensor, noise: Tensor) -> Tensor:
@@ -23,8 +23,9 @@ def _sigma(f: Tensor, noise: Tensor) -> Tensor:
 
 
 def gaussian_prediction(mean: Tensor, cov: Tensor, aleatoric: Tensor, joint: bool) -> Prediction:
-    """Mean, epistemic ``diag(cov)``, aleatoric and total variance of a Gaussian predictive."""
-    epistemic = cov.diagonal(dim1=-2, dim2=-1)
+    """Mean, epistemic ``diag(cov)``, aleatoric and total variance of a Gaussian predictive
+    (``cov`` may hold the variances alone, ``(B, K)``)."""
+    epistemic = variances(cov)
     return Prediction(
         logit_cov=cov if joint else None,
         mean=mean,
@@ -86,6 +87,11 @@ class Regression:
         n_out = f.shape[1]
         columns = torch.eye(n_out, dtype=f.dtype, device=f.device) / _sigma(f, noise)[:, None]
         return columns[:, None, :].expand(n_out, f.shape[0], n_out)
+
+    def output_curvature(self, f: Tensor, noise: Tensor) -> OutputCurvature | None:
+        """``diag(1/σ²)``, the same for every datum."""
+        diagonal = (1 / _sigma(f, noise).square()).expand_as(f)
+        return OutputCurvature(diagonal, None, lambda: self.hessian_sqrt(f, noise), f.shape[1])
 
     def sampled_gradients(
         self, f: Tensor, noise: Tensor, n_samples: int, generator: torch.Generator | None

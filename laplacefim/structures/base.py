@@ -67,6 +67,10 @@ class Precision(Protocol):
         """``J Σ Jᵀ`` per datum ``(B, V, V)`` for the block's segments of a Jacobian."""
         ...
 
+    def functional_variance_diagonal(self, segments: Sequence[Segment]) -> Tensor:
+        """The diagonal of :meth:`functional_variance`, ``(B, V)``, without the rest."""
+        ...
+
     def eigenvalue_range(self) -> tuple[Tensor, Tensor]:
         """Smallest and largest eigenvalue of ``P`` (0-d each)."""
         ...

@@ -49,6 +49,10 @@ class Basis(Protocol):
         """``Σ_k (Qᵀu_v)_k (Qᵀu_w)_k inverse_k`` per datum ``(B, V, V)``."""
         ...
 
+    def contract_diagonal(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """The diagonal of :meth:`contract`, ``(B, V)``."""
+        ...
+
     def to(self, dtype: torch.dtype) -> Basis:
         """The basis in ``dtype``."""
         ...
@@ -83,6 +87,11 @@ class IdentityBasis:
         parts = _split(segments, inverse)
         return sum(s.gram(w) for s, w in zip(segments, parts, strict=True))  # type: ignore[return-value]
 
+    def contract_diagonal(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """Diagonals of the weighted Gram matrices, summed."""
+        parts = _split(segments, inverse)
+        return sum(s.gram_diagonal(w) for s, w in zip(segments, parts, strict=True))  # type: ignore[return-value]
+
     def to(self, dtype: torch.dtype) -> IdentityBasis:
         """Itself."""
         return self
@@ -113,6 +122,12 @@ class DenseBasis:
         rows = _split(segments, self.q.T)
         coordinates = sum(s.dots(r) for s, r in zip(segments, rows, strict=True))
         return torch.einsum("vbk,wbk->bvw", coordinates * inverse, coordinates)
+
+    def contract_diagonal(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """``Σ_k (Qᵀu_v)_k² inverse_k``."""
+        rows = _split(segments, self.q.T)
+        coordinates: Tensor = sum(s.dots(r) for s, r in zip(segments, rows, strict=True))  # type: ignore[assignment]
+        return torch.einsum("vbk,k->bv", coordinates.square(), inverse)
 
     def to(self, dtype: torch.dtype) -> DenseBasis:
         """``Q`` in ``dtype``."""
@@ -162,6 +177,11 @@ class KronBasis:
         """The one segment rotated into the factors' eigenbases, then a weighted Gram."""
         (segment,) = segments
         return segment.rotated(self.first, self.second).gram(inverse)
+
+    def contract_diagonal(self, segments: Sequence[Segment], inverse: Tensor) -> Tensor:
+        """The diagonal of :meth:`contract`."""
+        (segment,) = segments
+        return segment.rotated(self.first, self.second).gram_diagonal(inverse)
 
     def to(self, dtype: torch.dtype) -> KronBasis:
         """Both factors' bases in ``dtype``."""
@@ -310,6 +330,10 @@ class EigenPrecision:
     def functional_variance(self, segments: Sequence[Segment]) -> Tensor:
         """``J Σ Jᵀ`` per datum by contractions in the eigenbasis."""
         return self.basis.contract(segments, 1.0 / self.values)
+
+    def functional_variance_diagonal(self, segments: Sequence[Segment]) -> Tensor:
+        """The diagonal of :meth:`functional_variance`, ``(B, V)``, without the rest."""
+        return self.basis.contract_diagonal(segments, 1.0 / self.values)
 
     def eigenvalue_range(self) -> tuple[Tensor, Tensor]:
         """Smallest and largest eigenvalue."""

@@ -277,6 +277,15 @@ class LowRankPrecision:
         coordinates = sum(s.dots(r) for s, r in zip(segments, rows, strict=True))
         return diagonal - torch.einsum("vbk,wbk->bvw", coordinates, coordinates)
 
+    def functional_variance_diagonal(self, segments: Sequence[Segment]) -> Tensor:
+        """The diagonal of :meth:`functional_variance`, ``(B, V)``."""
+        z, _ = self._z()
+        inverse = (1.0 / self.diag).split([s.size for s in segments])
+        rows = z.T.split([s.size for s in segments], dim=1)
+        diagonal = sum(s.gram_diagonal(w) for s, w in zip(segments, inverse, strict=True))
+        coordinates: Tensor = sum(s.dots(r) for s, r in zip(segments, rows, strict=True))  # type: ignore[assignment]
+        return diagonal - coordinates.square().sum(-1).T
+
     def eigenvalue_range(self) -> tuple[Tensor, Tensor]:
         """Bounds: ``min D'`` below the smallest eigenvalue, ``max D' + max S`` above the
         largest."""

@@ -26,20 +26,25 @@ from laplacefim.curvature.rules.linear import (
     conv2d_rows,
     is_transposed_linear,
     linear_rows,
+    output_product_rows,
     transposed_linear_rows,
+    transposed_output_rows,
 )
 from laplacefim.curvature.rules.norm import norm_rows
 from laplacefim.curvature.rules.recurrent import recurrent_rows
 
 GENERIC = LayerRule(generic_rows)
 RULES = RuleRegistry()
-RULES.register(nn.Linear, LayerRule(linear_rows))
+RULES.register(nn.Linear, LayerRule(linear_rows, output_rows=output_product_rows))
 RULES.register(nn.Conv2d, LayerRule(conv2d_rows))
 RULES.register(nn.Embedding, LayerRule(embedding_rows))
 RULES.register(nn.MultiheadAttention, LayerRule(attention_rows, attention_claims, broadcast=False))
 RULES.register(nn.RNNBase, LayerRule(recurrent_rows, broadcast=False))
 for norm in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm):
     RULES.register(norm, LayerRule(norm_rows))
-RULES.register_behaviour(is_transposed_linear, LayerRule(transposed_linear_rows))
+RULES.register_behaviour(
+    is_transposed_linear,
+    LayerRule(transposed_linear_rows, output_rows=transposed_output_rows),
+)
 
 __all__ = ["GENERIC", "RULES", "LayerRule", "RuleRegistry", "own_parameters"]

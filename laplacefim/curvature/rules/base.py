@@ -9,8 +9,12 @@ from torch import Tensor, nn
 
 from laplacefim.curvature.hooks import Call
 from laplacefim.curvature.segments import Segment
+from laplacefim.likelihoods.base import OutputCurvature
 
 RowsFn = Callable[[nn.Module, list[Call], frozenset[str]], dict[str, list[Segment]]]
+OutputRowsFn = Callable[
+    [nn.Module, Call, frozenset[str], OutputCurvature | None], dict[str, list[Segment]] | None
+]
 
 
 def own_parameters(module: nn.Module) -> tuple[str, ...]:
@@ -29,11 +33,17 @@ class LayerRule:
         broadcast: Whether the module's outputs are batch-first, so that an output with a
             leading 1 from a module that sees no batch is broadcast over it (False for
             rules that read their module's layout themselves).
+        output_rows: For a module whose one call gives the model's ``(B, C)`` output:
+            ``(module, call, wanted, curvature) -> segments`` without per-datum columns,
+            from the likelihood's output curvature, or from the identity (the Jacobian)
+            when ``curvature`` is None; it returns None where it does not apply (the
+            engine then takes ``rows``). None: the rule has no such form.
     """
 
     rows: RowsFn
     claims: Callable[[nn.Module], tuple[str, ...]] = own_parameters
     broadcast: bool = True
+    output_rows: OutputRowsFn | None = None
 
 
 class RuleRegistry:

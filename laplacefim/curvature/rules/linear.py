@@ -20,6 +20,8 @@ from laplacefim.curvature.hooks import Call
 from laplacefim.curvature.rules.base import batched, check_batch_first
 from laplacefim.curvature.rules.generic import generic_rows
 from laplacefim.curvature.segments import Product, Segment, join
+from laplacefim.curvature.segments.outputs import CurvatureProduct, SharedProduct
+from laplacefim.likelihoods.base import OutputCurvature
 
 
 def product_rows(
@@ -37,6 +39,44 @@ def product_rows(
     if "bias" in wanted:
         out["bias"] = [Product(None, grads, False, shared)]
     return out
+
+
+def output_product_rows(
+    module: nn.Module,
+    call: Call,
+    wanted: frozenset[str],
+    curvature: OutputCurvature | None,
+    transposed: bool = False,
+) -> dict[str, list[Segment]] | None:
+    """A ``weight`` (and ``bias``) whose layer gives the model's ``(B, C)`` output, from
+    the output curvature or, when None, the identity; None unless inputs are ``(B, d_in)``."""
+    out = check_batch_first(module, call)
+    x = batched(call.arg(0, "input"), call)
+    if x.ndim != 2 or out.ndim != 2:
+        return None
+    segments: dict[str, list[Segment]] = {}
+    scratch: dict[object, Tensor] = {}
+    eye = None
+    if curvature is None:
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+    for name, inputs in (("weight", x), ("bias", None)):
+        if name not in wanted:
+            continue
+        flipped = transposed and inputs is not None
+        segment: Segment
+        if eye is not None:
+            segment = SharedProduct(inputs, eye, out.shape[0], True, flipped)
+        else:
+            segment = CurvatureProduct(inputs, curvature, flipped, scratch)  # type: ignore[arg-type]
+        segments[name] = [segment]
+    return segments
+
+
+def transposed_output_rows(
+    module: nn.Module, call: Call, wanted: frozenset[str], curvature: OutputCurvature | None
+) -> dict[str, list[Segment]] | None:
+    """:func:`output_product_rows` of a layer computing ``x @ W + b``."""
+    return output_product_rows(module, call, wanted, curvature, transposed=True)
 
 
 def linear_rows(

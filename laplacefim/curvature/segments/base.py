@@ -92,6 +92,10 @@ class Segment(Protocol):
         """``Σ_p u_{v,b,p} u_{w,b,p} weights_p``: ``(B, V, V)``."""
         ...
 
+    def gram_diagonal(self, weights: Tensor) -> Tensor:
+        """The diagonal of :meth:`gram`, ``Σ_p u_{v,b,p}² weights_p``: ``(B, V)``."""
+        ...
+
     def dots(self, vectors: Tensor) -> Tensor:
         """``Σ_p u_{v,b,p} X_{k,p}`` for rows ``X (k, size)``: ``(V, B, k)``."""
         ...
@@ -123,6 +127,21 @@ def cast(tensor: Tensor, dtype: torch.dtype, memo: dict[int, Tensor]) -> Tensor:
     if key not in memo:
         memo[key] = tensor.to(dtype)
     return memo[key]
+
+
+def flat_grid(grid: Tensor, transposed: bool) -> Tensor:
+    """A ``(..., d_out, d_in)`` weight grid in a slice's flat order ``(..., size)`` (the slice
+    stores ``(d_in, d_out)`` row-major when ``transposed``)."""
+    if transposed:
+        grid = grid.transpose(-1, -2)
+    return grid.reshape(*grid.shape[:-2], -1)
+
+
+def grid_of(flat: Tensor, d_out: int, d_in: int, transposed: bool) -> Tensor:
+    """Inverse of :func:`flat_grid`: ``(..., size)`` to ``(..., d_out, d_in)``."""
+    if transposed:
+        return flat.reshape(*flat.shape[:-1], d_in, d_out).transpose(-1, -2)
+    return flat.reshape(*flat.shape[:-1], d_out, d_in)
 
 
 def batch_chunks(n_columns: int, batch: int, per_sample: int) -> int:

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from laplacefim.curvature.segments.base import Rotate, batch_chunks, cast, join, matmul
+from laplacefim.curvature.segments.base import (
+    Rotate,
+    batch_chunks,
+    cast,
+    flat_grid,
+    grid_of,
+    join,
+    matmul,
+)
 from laplacefim.options import KfacApprox
 
 
@@ -73,16 +81,10 @@ class Product:
         return self.grads.new_ones(self.batch, self.positions, 1)
 
     def _flat(self, grid: Tensor) -> Tensor:
-        """A ``(..., d_out, d_in)`` grid in the slice's flat order ``(..., size)``."""
-        if self.transposed:
-            grid = grid.transpose(-1, -2)
-        return grid.reshape(*grid.shape[:-2], -1)
+        return flat_grid(grid, self.transposed)
 
     def _grid(self, flat: Tensor) -> Tensor:
-        """Inverse of :meth:`_flat`: ``(..., size)`` to ``(..., d_out, d_in)``."""
-        if self.transposed:
-            return flat.reshape(*flat.shape[:-1], self.d_in, self.d_out).transpose(-1, -2)
-        return flat.reshape(*flat.shape[:-1], self.d_out, self.d_in)
+        return grid_of(flat, self.d_out, self.d_in, self.transposed)
 
     def per_sample(self) -> Tensor:
         """``u (V, B, size)``."""
@@ -157,6 +159,24 @@ class Product:
                 "vbto,bti->vboi", g[:, start : start + step], self.inputs[start : start + step]
             )
             out.append(torch.einsum("vboi,wboi->bvw", u * w, u))
+        return torch.cat(out)
+
+    def gram_diagonal(self, weights: Tensor) -> Tensor:
+        """``(B, V)``: ``g²`` against ``a²`` for ``T = 1``, chunks otherwise."""
+        g = self.grads
+        if self.inputs is None:
+            return torch.einsum("vbo,o->bv", g.sum(2).square(), weights)
+        w = self._grid(weights)
+        if self.positions == 1:
+            per_output = self.inputs[:, 0].square() @ w.T  # (B, d_out)
+            return torch.einsum("vbo,bo->bv", g[:, :, 0].square(), per_output)
+        out = []
+        step = batch_chunks(self.n_columns, self.batch, self.size)
+        for start in range(0, self.batch, step):
+            u = torch.einsum(
+                "vbto,bti->vboi", g[:, start : start + step], self.inputs[start : start + step]
+            )
+            out.append(torch.einsum("vboi,oi->bv", u.square(), w))
         return torch.cat(out)
 
     def dots(self, vectors: Tensor) -> Tensor:

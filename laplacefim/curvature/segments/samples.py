@@ -62,6 +62,10 @@ class Samples:
         """Weighted Gram matrices per datum."""
         return gram_of(self.grads, weights)
 
+    def gram_diagonal(self, weights: Tensor) -> Tensor:
+        """``Σ_p u² weights``: ``(B, V)``."""
+        return torch.einsum("vbp,p->bv", self.grads.square(), weights)
+
     def dots(self, vectors: Tensor) -> Tensor:
         """``uᵀX``."""
         return torch.einsum("vbp,kp->vbk", self.grads, vectors)

@@ -99,6 +99,14 @@ class Tokens:
         out = sums.new_zeros(self.batch, self.n_columns, self.n_columns)
         return out.index_add_(0, sample, parts)
 
+    def gram_diagonal(self, weights: Tensor) -> Tensor:
+        """The diagonal of :meth:`gram`: ``(B, V)``."""
+        sums, token, sample = self._sums()
+        w = weights.reshape(self.num, self.dim)[token]  # (U, d)
+        parts = torch.einsum("vud,ud->uv", sums.square(), w)
+        out = sums.new_zeros(self.batch, self.n_columns)
+        return out.index_add_(0, sample, parts)
+
     def dots(self, vectors: Tensor) -> Tensor:
         """``uᵀX``: ``(V, B, k)``."""
         x = vectors.reshape(vectors.shape[0], self.num, self.dim)[:, self.tokens]  # (k,B,T,d)
