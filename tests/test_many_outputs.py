@@ -15,6 +15,8 @@ never form them (``CurvatureProduct``: the likelihood's ``diag(d) − l lᵀ``;
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import reference as ref
 import torch
@@ -204,3 +206,17 @@ def test_last_layer_fit_and_probit_without_columns(monkeypatch, likelihood, stru
     assert_close(var, dense, 1e-9)
     got = alone.epistemic_var if likelihood == "regression" else alone.logit_var
     assert_close(got, dense[:, 0] if likelihood == "binary" else dense, 1e-9)
+
+
+def test_all_weights_exact_ggn_with_many_outputs_says_its_cost():
+    model, x, y = _problem("classification", 120)
+    la = laplacefim.Laplace(model, likelihood="classification", structure="diag")
+    with pytest.warns(RuntimeWarning, match=r"120 columns per datum.*curvature='fisher'"):
+        la.fit(ref.loader(x, y, batch_size=8))
+    quiet = laplacefim.Laplace(model, likelihood="classification", subset="last_layer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.fit(ref.loader(x, y, batch_size=8))
+        laplacefim.Laplace(model, likelihood="classification", curvature="fisher").fit(
+            ref.loader(x, y, batch_size=8)
+        )

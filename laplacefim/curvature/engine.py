@@ -12,6 +12,7 @@ saw into segments (:mod:`laplacefim.curvature.segments`). Structures read the se
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.likelihoods.base import OutputCurvature
 from laplacefim.options import CurvatureKind
 from laplacefim.subsets import Selection
+
+# Exact-GGN columns per datum from which a fit that has to backpropagate them says so.
+MANY_COLUMNS = 100
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class CurvatureEngine:
         # is needed: its gradients are the columns); decided on the first batch.
         self._fast: bool | None = None
         self._audited = False
+        self._warned = False
         # Modules whose outputs the model changes in place: recorded through clones.
         self.clone: set[str] = set()
 
@@ -201,6 +206,8 @@ class CurvatureEngine:
             )
             if targets.weight is not None:  # ignored tokens carry no datum
                 cols = cols * targets.weight[None, ..., None]
+            if self.kind is CurvatureKind.GGN and not self._warned:
+                self._warn_many_columns(calls, cols.shape[0])
             self.backward(f, cols, calls)
             segments = self.segments(calls)
         loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
@@ -273,6 +280,23 @@ class CurvatureEngine:
             only = [c for cs in calls.values() for c in cs]
             self._fast = len(only) == 1 and len(only[0].returned) == 1 and only[0].returned[0] is f
         return f, f2, calls
+
+    def _warn_many_columns(self, calls: dict[str, list[Call]], n_columns: int) -> None:
+        """Say once what the exact GGN's columns cost when there are many of them."""
+        self._warned = True
+        if self._fast or n_columns < MANY_COLUMNS:
+            return
+        outputs = [o for cs in calls.values() for c in cs for o in c.outputs if o.requires_grad]
+        gigabytes = n_columns * sum(o.numel() * o.element_size() for o in outputs) / 1e9
+        warnings.warn(
+            f"the exact GGN backpropagates {n_columns} columns per datum (one per model "
+            f"output): about {n_columns} backward passes' work per batch, and {gigabytes:.2f} "
+            "GB of output gradients for this batch. curvature='fisher' (the MC Fisher) "
+            "backpropagates fisher_samples sampled columns instead (1 by default); "
+            "subset='last_layer' needs no columns at all.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def backward(self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]]) -> None:
         """Fill each call's ``grads``: the columns' gradients w.r.t. its outputs."""
