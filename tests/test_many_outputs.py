@@ -171,7 +171,7 @@ def _problem(likelihood: str, n_out: int):
 LIKELIHOODS = {"classification": 30, "regression": 25, "binary": 1}
 
 
-@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 @pytest.mark.parametrize("likelihood", list(LIKELIHOODS))
 def test_last_layer_fit_and_probit_without_columns(monkeypatch, likelihood, structure):
     n_out = LIKELIHOODS[likelihood]

@@ -71,6 +71,13 @@ class OutputCurvature:
             out = out - self.outer.T @ self.outer
         return out
 
+    def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``M_b[rows_k, cols_k]`` per datum ``(B, k)``."""
+        out = self.diagonal[:, rows] * (rows == cols).to(self.diagonal.dtype)
+        if self.outer is not None:
+            out = out - self.outer[:, rows] * self.outer[:, cols]
+        return out
+
     def diagonals(self) -> Tensor:
         """``diag(M_b)`` per datum ``(B, C)``."""
         if self.outer is None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from laplacefim.curvature.segments import Product, Segment
+from laplacefim.curvature.segments.outputs import CurvatureProduct
 from laplacefim.options import CurvatureKind
 from laplacefim.structures.base import Block, Plan, SegmentMap, gather, whole
 from laplacefim.structures.eigen import DenseBasis, EigenDecomposition, symmetric_eigh
@@ -124,21 +125,27 @@ class LinearPairsBlock:
         return self.d_out * (d_in * int(self.weight) + int(self.bias))
 
     def _rows(self, segments: SegmentMap) -> tuple[Tensor, Tensor] | None:
-        """``ã (B, d_aug)`` and ``g (V, B, d_out)``, or None where the form does not hold."""
+        """``ã (B, d_aug)`` and ``Mₙ[o_k, p_k]`` ``(B, pairs)``, or None where the form does
+        not hold."""
         found = [segments.get(name) for name in self.names]
         if any(f is None for f in found):
             return None
         parts = [f[0] for f in found if f is not None]
-        products = [p for p in parts if isinstance(p, Product) and p.positions == 1]
-        if len(products) != len(parts):
+        if not all(_one_position(p) for p in parts):
             return None
-        g = products[0].grads[:, :, 0]
-        inputs = products[0].inputs if self.weight else None
-        ones = g.new_ones(g.shape[1], 1)
+        first: Product | CurvatureProduct = parts[0]  # type: ignore[assignment]
+        upper = torch.triu_indices(self.d_out, self.d_out, device=first.grads.device)
+        inputs = first.inputs if self.weight else None
+        if isinstance(first, CurvatureProduct):
+            weights = first.curvature.entries(upper[0], upper[1])
+        else:
+            g = first.grads[:, :, 0]
+            weights = (g[:, :, upper[0]] * g[:, :, upper[1]]).sum(0)
+            inputs = None if inputs is None else inputs[:, 0]
+        ones = weights.new_ones(weights.shape[0], 1)
         if inputs is None:
-            return ones, g
-        a = inputs[:, 0]
-        return (torch.cat([a, ones], dim=1) if self.bias else a), g
+            return ones, weights
+        return (torch.cat([inputs, ones], dim=1) if self.bias else inputs), weights
 
     def statistics(self, segments: SegmentMap) -> list[Tensor]:
         """``pairs[k] = Σₙ Mₙ[o_k, p_k] ãₙãₙᵀ``: one GEMM over the batch."""
@@ -151,9 +158,7 @@ class LinearPairsBlock:
                 return [torch.zeros_like(self.pairs)]
             jac = jac.reshape(-1, jac.shape[-1])
             return [self.pairs_from_dense(jac.T @ jac)]
-        a, g = rows
-        upper = torch.triu_indices(self.d_out, self.d_out, device=a.device)
-        weights = (g[:, :, upper[0]] * g[:, :, upper[1]]).sum(0)  # (B, pairs)
+        a, weights = rows
         left = (weights[:, :, None] * a[:, None, :]).reshape(a.shape[0], -1)
         return [(left.T @ a).reshape(-1, self.d_aug, self.d_aug)]
 
@@ -230,6 +235,13 @@ class LinearPairsBlock:
         )
 
 
+def _one_position(segment: Segment) -> bool:
+    """Whether a segment is a linear layer's ``g ⊗ a`` seen once per datum."""
+    if isinstance(segment, CurvatureProduct):
+        return True
+    return isinstance(segment, Product) and segment.positions == 1
+
+
 def _linear_pairs(plan: Plan) -> LinearPairsBlock | None:
     """The pairs block when the chosen parameters are one linear layer's weight and/or bias,
     each a product seen once per datum (from the same output gradients)."""
@@ -237,9 +249,9 @@ def _linear_pairs(plan: Plan) -> LinearPairsBlock | None:
     if len(found) > 2 or any(f is None or len(f) != 1 for f in found):
         return None
     parts = [f[0] for f in found if f is not None]
-    if not all(isinstance(p, Product) and p.positions == 1 and not p.transposed for p in parts):
+    if not all(_one_position(p) and not p.transposed for p in parts):  # type: ignore[attr-defined]
         return None
-    products: list[Product] = parts  # type: ignore[assignment]
+    products: list[Product | CurvatureProduct] = parts  # type: ignore[assignment]
     if len({id(p.grads) for p in products}) != 1:
         return None
     weights = [p for p in products if p.inputs is not None]
