@@ -117,6 +117,7 @@ def _timed(times: dict[str, float], name: str, fn: Any) -> Any:
     start = time.perf_counter()
     out = fn()
     times[name] = time.perf_counter() - start
+    print(json.dumps({"partial": times}), flush=True)  # kept if a later phase times out
     return out
 
 
@@ -159,14 +160,22 @@ def _measure(spec: dict[str, Any], cap: float) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=cap)
-    except subprocess.TimeoutExpired:
-        return {**spec, "status": f"timeout (> {cap:.0f} s)", "times": {}, "peak_mb": None}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    except subprocess.TimeoutExpired as timeout:
+        out = timeout.stdout or ""
+        text = out.decode() if isinstance(out, bytes) else out
+        return {**spec, "status": f"timeout (> {cap:.0f} s)", "times": _partial(text)}
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"lib"')]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1][:80]
         status = "OOM" if "MemoryError" in done.stderr or "alloc" in tail else f"error: {tail}"
-        return {**spec, "status": status, "times": {}, "peak_mb": None}
+        return {**spec, "status": status, "times": _partial(done.stdout)}
     return json.loads(lines[-1])
+
+
+def _partial(stdout: str) -> dict[str, float]:
+    """The phases a worker finished before it was stopped (their times still count)."""
+    found = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"partial"')]
+    return found[-1]["partial"] if found else {}
 
 
 def _row(result: dict[str, Any]) -> str:
@@ -275,10 +284,15 @@ def _targets(results: list[dict[str, Any]], quick: bool) -> None:
             ratio = sum(peer["times"].values()) / sum(mine["times"].values())
             lines.append(f"{key[0]} C={key[1]}: laplace-torch / ours total time {ratio:.1f}x")
         else:
+            done = ", ".join(f"{k} {v:.1f} s" for k, v in peer["times"].items())
             lines.append(
-                f"{key[0]} C={key[1]}: laplace-torch {peer['status']}, ours "
-                f"{sum(mine['times'].values()):.1f} s"
+                f"{key[0]} C={key[1]}: laplace-torch {peer['status']}"
+                + (f" after {done}" if done else "")
+                + f"; ours {sum(mine['times'].values()):.1f} s"
             )
+        if "fit" in peer["times"]:
+            ratio = peer["times"]["fit"] / mine["times"]["fit"]
+            lines.append(f"{key[0]} C={key[1]}: laplace-torch / ours fit time {ratio:.1f}x")
     print("targets:")
     for line in lines:
         print("  " + line)
