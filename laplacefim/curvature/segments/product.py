@@ -100,14 +100,19 @@ class Product:
         a = self.inputs
         if self.positions == 1:
             return self._flat(g[:, :, 0].square().sum(0).T @ a[:, 0].square())
-        total = a.new_zeros(self.d_out, self.d_in)
-        step = batch_chunks(self.n_columns, self.batch, self.size)
-        for start in range(0, self.batch, step):
-            part = torch.einsum(
-                "vbto,bti->vboi", g[:, start : start + step], a[start : start + step]
-            )
-            total += part.square().sum((0, 1))
-        return self._flat(total)
+        # Per-sample gradients of a chunk, squared in place in one reused buffer: a fresh
+        # (V, chunk, d_out, d_in) tensor and its square per chunk cost more in memory
+        # traffic than the product itself where T is small and d_in large (deep convs).
+        n_cols, batch = self.n_columns, self.batch
+        left = g.permute(1, 0, 3, 2).reshape(batch, n_cols * self.d_out, self.positions)
+        step = batch_chunks(n_cols, batch, self.size)
+        buffer = a.new_empty(min(step, batch), n_cols * self.d_out, self.d_in)
+        total = a.new_zeros(n_cols * self.d_out, self.d_in)
+        for start in range(0, batch, step):
+            part = buffer[: min(step, batch - start)]
+            torch.bmm(left[start : start + step], a[start : start + step], out=part)
+            total += part.square_().sum(0)
+        return self._flat(total.reshape(n_cols, self.d_out, self.d_in).sum(0))
 
     def kron(self, approx: KfacApprox) -> list[Tensor]:
         """Factors ``G = Σ g gᵀ`` and ``A = Σ a aᵀ`` over rows, and the row count.
