@@ -124,13 +124,11 @@ class Product:
         g_key = ("G", id(self.grads), reduce)
         if g_key not in self.shared:
             g = self.grads.sum(2, keepdim=True) if reduce else self.grads
-            rows_g = g.reshape(-1, self.d_out)
-            self.shared[g_key] = rows_g.T @ rows_g
+            self.shared[g_key] = _row_gram(g)
         a_key = ("A", id(self.inputs), reduce)
         if self.inputs is None or a_key not in self.shared:
             a = self._a().mean(1, keepdim=True) if reduce else self._a()
-            rows_a = a.reshape(-1, a.shape[-1])
-            self.shared[a_key] = rows_a.T @ rows_a
+            self.shared[a_key] = _row_gram(a)
         rows = self.batch * (1 if reduce else self.positions)
         count = self.grads.new_full((), float(rows))  # a fill kernel, no host copy
         first, second = self.shared[g_key], self.shared[a_key]
@@ -208,6 +206,21 @@ class Product:
     def tensors(self) -> list[Tensor]:
         """The tensors the segment holds."""
         return [self.grads] if self.inputs is None else [self.inputs, self.grads]
+
+
+def _row_gram(x: Tensor) -> Tensor:
+    """``Σ_rows r rᵀ`` over the rows ``r`` of ``x (..., d)``.
+
+    Unfolded patches and convolution output gradients arrive as transposes of contiguous
+    ``(..., d, T)`` tensors; for them the ``(d, rows)`` matrix is gathered in runs of ``T``
+    contiguous entries, where laying out ``(rows, d)`` would transpose element by element.
+    """
+    d = x.shape[-1]
+    if x.dim() > 2 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
+        cols = x.transpose(-1, -2).movedim(-2, 0).reshape(d, -1)
+        return cols @ cols.T
+    rows = x.reshape(-1, d)
+    return rows.T @ rows
 
 
 def stack_positions(products: list[Product]) -> Product:
