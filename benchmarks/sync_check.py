@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from laplacefim import Laplace
-from laplacefim.predictive import glm_covariance
+from laplacefim.predictive import chunk_moments
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
                     model, "classification", subset=subset, structure=structure, curvature=curvature
                 )
                 la.fit([(x, y)], generator=generator)  # warm-up: finds the last layer, decomposes
-                engine = la._engine(la._fitted().selection)
+                engine = la._engine(la._fitted())
                 engine.batch(x, y, generator)  # first batch decides the fast path
                 blocks, precisions = la.curvature.blocks, la._precisions()
                 torch.cuda.synchronize()
@@ -44,7 +44,8 @@ def main() -> int:
                 try:
                     torch.cuda.set_sync_debug_mode("error")
                     engine.batch(x, y, generator)
-                    glm_covariance(engine, blocks, precisions, engine.jacobian_rows(x))
+                    chunk_moments(engine, blocks, precisions, x)  # covariances
+                    chunk_moments(engine, blocks, precisions, x, diagonal=True)  # variances
                 except RuntimeError as error:
                     failures.append(f"{name}: {error}")
                 finally:
