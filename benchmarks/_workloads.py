@@ -1,9 +1,11 @@
 """Benchmark workloads: data, models, training and the fit-data loader.
 
-Both workloads use scikit-learn's bundled digits (8x8 grey images, 10 classes),
-so nothing is downloaded. The first 1,400 rows of a seeded permutation train the
-model; that train split, repeated 4 times with N(0, 0.01^2) noise added, is the
-5,600-row data set every library fits its curvature on (batch 128, no shuffle).
+Every workload uses scikit-learn's bundled digits (8x8 grey images, 10 classes),
+so nothing is downloaded. For W1 and W2 the first 1,400 rows of a seeded permutation
+train the model; that train split, repeated 4 times with N(0, 0.01^2) noise added, is
+the 5,600-row data set every library fits its curvature on (batch 128, no shuffle).
+W3, a ResNet-18 (``_resnet.py``), sees the digits as tinted 3x32x32 images; it trains
+on the first 256 train rows and fits on the same 256 rows (batch 64, no repeats).
 
 A *bundle* (a ``torch.save`` file) carries the fit data and the trained weights
 from the orchestrating process to the per-configuration worker processes, so
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _resnet import colour_images, resnet18
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,7 +34,15 @@ TRAIN_LR = 1e-3
 WORKLOADS: dict[str, str] = {
     "W1": "MLP 64-256-256-10 (ReLU), digits",
     "W2": "CNN conv16-conv32-linear, digits 1x8x8",
+    "W3": "ResNet-18 (BatchNorm, residual blocks), digits as tinted 3x32x32 images",
 }
+W3_ROWS = 256  # W3 trains and fits on this many rows ...
+W3_BATCH = 64  # ... in batches of this size
+
+
+def batch_size(workload: str) -> int:
+    """The fit loader's batch size."""
+    return W3_BATCH if workload == "W3" else BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ def build_model(workload: str) -> nn.Sequential:
             nn.Flatten(),
             nn.Linear(32 * 8 * 8, 10),
         )
+    if workload == "W3":
+        return resnet18()
     raise ValueError(f"unknown workload {workload!r}; choose from {sorted(WORKLOADS)}")
 
 
@@ -73,6 +86,8 @@ def split_head(model: nn.Sequential) -> tuple[nn.Module, nn.Linear]:
 
 
 def _shape_inputs(workload: str, X: torch.Tensor) -> torch.Tensor:
+    if workload == "W3":
+        return colour_images(X, SEED)
     return X.reshape(-1, 1, 8, 8) if workload == "W2" else X
 
 
@@ -120,9 +135,11 @@ def prepare_bundle(workload: str) -> Bundle:
     torch.manual_seed(SEED)
     X_tr, y_tr, X_te, y_te = load_digits_split()
     X_tr, X_te = _shape_inputs(workload, X_tr), _shape_inputs(workload, X_te)
+    if workload == "W3":
+        X_tr, y_tr = X_tr[:W3_ROWS], y_tr[:W3_ROWS]
     model = build_model(workload)
     train(model, X_tr, y_tr)
-    X_fit, y_fit = make_fit_data(X_tr, y_tr)
+    X_fit, y_fit = (X_tr, y_tr) if workload == "W3" else make_fit_data(X_tr, y_tr)
     return Bundle(
         workload=workload,
         X=X_fit,
@@ -146,5 +163,7 @@ def restore(bundle: Bundle) -> tuple[nn.Sequential, DataLoader]:
     model = build_model(bundle.workload)
     model.load_state_dict(bundle.state_dict)
     model.eval()
-    loader = DataLoader(TensorDataset(bundle.X, bundle.y), batch_size=BATCH_SIZE, shuffle=False)
+    loader = DataLoader(
+        TensorDataset(bundle.X, bundle.y), batch_size=batch_size(bundle.workload), shuffle=False
+    )
     return model, loader
