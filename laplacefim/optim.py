@@ -191,6 +191,7 @@ class NaturalGradient:
                     "them to the optimizer, or choose a subset it covers."
                 )
         self.statistics: BlockDiagonal | None = None
+        self._scratch: BlockDiagonal | None = None  # one batch's statistics, reused
         self._decomposed: BlockDiagonal | None = None  # the statistics the step now uses
         self._decompositions: list[Decomposition] | None = None
         self.n_steps = 0
@@ -266,8 +267,12 @@ class NaturalGradient:
                 model_device(self.model),
             )
             batch = BlockDiagonal(self.config.structure.build(plan))
-        else:
-            batch = self.statistics.zeros_like()
+        elif self._scratch is None:
+            batch = self._scratch = self.statistics.zeros_like()
+        else:  # reused: a fresh copy of the layout per update costs more than the GEMMs
+            batch = self._scratch
+            for tensor in batch.state():
+                tensor.zero_()
         batch.add_(batch.statistics(rows.segments))
         _, n_data = distributed.exchange_status(
             False, int(rows.n_data), batch.state()[0].device, self.group
