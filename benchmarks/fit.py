@@ -7,13 +7,25 @@ curvlinops 3.0.1, BackPACK and ASDL, for every (subset, structure, curvature)
 configuration a library supports. Workloads (see ``_workloads.py``):
 
 * W1: MLP 64-256-256-10 (ReLU) on scikit-learn's digits;
-* W2: small CNN (conv16, conv32, linear) on digits as 1x8x8 images.
+* W2: small CNN (conv16, conv32, linear) on digits as 1x8x8 images;
+* W3 (only when asked for, ``--workloads W3``): ResNet-18 on digits as tinted 3x32x32
+  images, 256 rows in batches of 64.
 
 Every (library, configuration) runs in its own process, forked from a fork
 server that has already imported the libraries, so peak resident memory
 (``ru_maxrss``) is per configuration. What exactly is timed for each library is
 described in ``_runners.py``; the timing policy (probe, warm-up, median of
 repeats, time cap) in ``_worker.py``.
+
+At the end it prints issue 14's targets, one ``target: <what> <measured> vs <limit>:
+met`` line each (``not met``, or ``not measured (<why>)`` for what this run left out),
+from this run's numbers: faster than every peer on every shared configuration, and
+with no more extra memory than the lowest peer's, per workload; last-layer diagonal and
+KFAC fits within ``LAST_LAYER_MAX_EPOCHS`` epochs; last-layer KFAC at least
+``LAST_LAYER_KFAC_MIN_SPEEDUP`` times faster than laplace-torch's default on W1 and W2;
+and, on a workload W3 where it exists, the all-weights KFAC and diagonal fits within
+``W3_FISHER_MAX_EPOCHS`` epochs (MC Fisher) and ``W3_GGN_MAX_EPOCHS_PER_CLASS`` C
+epochs (exact GGN, C classes). A fit projected past the cap counts with its projection.
 
 Usage (from the repository root, in the benchmark environment)::
 
@@ -30,6 +42,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -48,11 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from _runners import CURVATURES, LIBS, STRUCTURES, SUBSETS, Config, variants
+from _targets import report
 from _worker import THREADS, Job
 from _workloads import (
-    BATCH_SIZE,
     WORKLOADS,
     Bundle,
+    batch_size,
     build_model,
     prepare_bundle,
     save_bundle,
@@ -68,6 +82,12 @@ QUICK_CONFIGS = [  # one per structure, both subsets
     Config("last_layer", "diag", "ggn"),
     Config("last_layer", "full", "ggn"),
 ]
+# Issue 14's targets (see print_targets).
+LAST_LAYER_MAX_EPOCHS = 0.6  # last-layer diag and KFAC, every curvature
+LAPLACE_DEFAULT = "CurvlinopsGGN [default]"  # laplace-torch's default backend (GGN)
+LAST_LAYER_KFAC_MIN_SPEEDUP = 10.0  # over laplace-torch's default, on W1 and W2
+W3_FISHER_MAX_EPOCHS = 2.0  # all-weights MC-Fisher KFAC and diagonal
+W3_GGN_MAX_EPOCHS_PER_CLASS = 0.7  # all-weights exact-GGN KFAC and diagonal: 0.7 C epochs
 DISTRIBUTIONS = (
     "laplacefim",
     "laplace-torch",
@@ -82,7 +102,7 @@ DISTRIBUTIONS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", default="W1,W2", help="comma list of W1,W2")
+    parser.add_argument("--workloads", default="W1,W2", help="comma list of W1,W2,W3")
     parser.add_argument("--libs", default=",".join(LIBS), help="comma list of " + ",".join(LIBS))
     parser.add_argument(
         "--quick",
@@ -263,7 +283,7 @@ def format_workload(workload: str, bundle: Bundle, results: list[dict[str, Any]]
     n_head = sum(p.numel() for p in build_model(workload)[-1].parameters())
     lines = [
         f"== {workload}: {WORKLOADS[workload]}",
-        f"   {len(bundle.y):,} rows, batch {BATCH_SIZE}, {n_params:,} parameters "
+        f"   {len(bundle.y):,} rows, batch {batch_size(workload)}, {n_params:,} parameters "
         f"({n_head:,} in the last layer); train acc {bundle.train_accuracy:.3f}, "
         f"held-out acc {bundle.test_accuracy:.3f}",
     ]
@@ -284,6 +304,246 @@ def format_workload(workload: str, bundle: Bundle, results: list[dict[str, Any]]
         lines += [_row(r, i == 0, ours_s, epoch_s) for i, r in enumerate(rows)]
         lines.append("")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- targets
+
+_PROJECTED = re.compile(r"projected (\d+(?:\.\d+)?) s")
+Timed = tuple[float, str]  # seconds, and "" (measured), "~" (projected) or ">" (lower bound)
+
+
+def _seconds(r: dict[str, Any] | None) -> Timed | None:
+    """A row's fit time: measured, projected past the cap, or at least the cap if stopped.
+
+    A fit whose first batches project past the cap is not run; the worker reports the
+    projection (``timeout``, "projected N s from the first batches"), which stands in
+    for its time. A probe or fit stopped by the watchdog, or a killed process, ran at
+    least the cap: that is a lower bound. Errors and unsupported rows have no time.
+    """
+    if r is None:
+        return None
+    if r["status"] == "ok" and r["seconds"] is not None:
+        return r["seconds"], ""
+    if r["status"] != "timeout":
+        return None
+    found = _PROJECTED.search(r.get("detail", ""))
+    if found:
+        return float(found.group(1)), "~"
+    return float(r["job"]["cap_s"]), ">"
+
+
+def _fmt_t(t: Timed) -> str:
+    return f"{t[1]}{_fmt_s(t[0])} s"
+
+
+def _fmt_x(x: float) -> str:
+    return f"{x:.2f}x" if x < 100 else f"{x:.0f}x"
+
+
+def _who(r: dict[str, Any]) -> str:
+    return f"{r['job']['lib']}:{r['job']['variant']}"
+
+
+def _groups(
+    results: list[dict[str, Any]], workload: str
+) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if r["job"]["workload"] == workload and r["job"]["lib"] != "epoch":
+            groups.setdefault(_config_key(r["job"]), []).append(r)
+    return groups
+
+
+def _ours(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in rows if r["job"]["lib"] == "ours"), None)
+
+
+def _target_faster(workload: str, groups: dict, absent: str | None) -> None:
+    """Faster than every peer on every configuration both measured."""
+    what, limit = f"{workload} fit faster than every peer on every shared row", "> 1x"
+    worst: tuple[float, str] | None = None
+    n_rows = n_slower = 0
+    failed: list[str] = []  # configurations a peer fitted and we did not
+    for key, rows in groups.items():
+        ours = _ours(rows)
+        mine = _seconds(ours)
+        peers = [(r, _seconds(r)) for r in rows if r["job"]["lib"] != "ours"]
+        timed = [(r, t) for r, t in peers if t is not None]
+        if ours is not None and mine is None and timed:
+            failed.append(f"{'/'.join(key)} ours {ours['status']}")
+        if mine is None or not timed:
+            continue
+        n_rows += 1
+        r, t = min(timed, key=lambda p: p[1][0])
+        ratio = t[0] / mine[0]
+        n_slower += ratio <= 1
+        if worst is None or ratio < worst[0]:
+            mark = "~" if mine[1] or t[1] else ""
+            text = f"{mark}{_fmt_x(ratio)} ({'/'.join(key)}: {_who(r)} {_fmt_t(t)}, ours {_fmt_t(mine)})"
+            worst = (ratio, text)
+    if worst is None:
+        why = absent or "no configuration with ours and a peer timed"
+        report(what, None, limit, None, "; ".join([why, *failed]))
+        return
+    measured = worst[1] + (f"; {n_slower} of {n_rows} rows not faster" if n_slower else "")
+    measured += "".join(f"; {f}" for f in failed)
+    met = n_slower == 0 and not failed
+    report(f"{what} ({n_rows} rows), worst peer/ours", measured, limit, met)
+
+
+def _target_memory(workload: str, groups: dict, absent: str | None) -> None:
+    """Peak extra memory (dRSS) no higher than the lowest peer's, on each row."""
+    what, limit = f"{workload} fit dRSS no higher than the lowest peer's on each row", "<= 0 MB"
+    worst: tuple[float, str] | None = None
+    n_rows = n_higher = 0
+    failed: list[str] = []  # configurations a peer completed and we did not
+    for key, rows in groups.items():
+        ours = _ours(rows)
+        mine = _delta(ours) if ours is not None and ours["status"] == "ok" else None
+        # a peer that timed out or failed stopped early: its dRSS is not a full fit's
+        peers = [
+            (r, _delta(r))
+            for r in rows
+            if r["job"]["lib"] != "ours" and r["status"] == "ok" and _delta(r) is not None
+        ]
+        if ours is not None and mine is None and peers:
+            failed.append(f"{'/'.join(key)} ours {ours['status']}")
+        if mine is None or not peers:
+            continue
+        n_rows += 1
+        r, low = min(peers, key=lambda p: p[1])
+        excess = mine - low
+        n_higher += excess > 0
+        if worst is None or excess > worst[0]:
+            text = f"{excess:+.1f} MB ({'/'.join(key)}: ours {mine:.1f} MB, {_who(r)} {low:.1f} MB)"
+            worst = (excess, text)
+    if worst is None:
+        why = absent or "no configuration with ours and a completed peer"
+        report(what, None, limit, None, "; ".join([why, *failed]))
+        return
+    measured = worst[1] + (f"; {n_higher} of {n_rows} rows higher" if n_higher else "")
+    measured += "".join(f"; {f}" for f in failed)
+    met = n_higher == 0 and not failed
+    report(f"{what} ({n_rows} rows), worst ours - lowest peer", measured, limit, met)
+
+
+def _target_epochs(
+    what: str,
+    rows: list[dict[str, Any] | None],
+    epoch_s: float | None,
+    max_epochs: float,
+    limit: str,
+    why: str,
+) -> None:
+    """The slowest of our ``rows`` in epochs, against ``max_epochs``."""
+    present = [r for r in rows if r is not None]
+    if not present or epoch_s is None:
+        report(what, None, limit, None, why if not present else "epoch time not measured")
+        return
+    failed = [r for r in present if _seconds(r) is None]
+    if failed:
+        why = f"ours {failed[0]['status']} on {failed[0]['job']['curvature']}"
+        report(what, None, limit, None, why)
+        return
+    timed = [(r, t) for r in present if (t := _seconds(r)) is not None]
+    r, t = max(timed, key=lambda p: p[1][0])
+    epochs = t[0] / epoch_s
+    curvatures = "/".join(p["job"]["curvature"] for p in present)
+    measured = f"{t[1]}{epochs:.2f} epochs ({r['job']['curvature']}: {_fmt_t(t)}; epoch {_fmt_s(epoch_s)} s)"
+    report(f"{what} [{curvatures}], slowest", measured, limit, epochs <= max_epochs)
+
+
+def _n_classes(workload: str, bundle: Bundle | None) -> int | None:
+    """The number of classes: the last Linear layer's outputs, or the labels' range."""
+    linear = [m for m in build_model(workload).modules() if isinstance(m, torch.nn.Linear)]
+    if linear:
+        return linear[-1].out_features
+    return int(bundle.y.max()) + 1 if bundle is not None else None
+
+
+def print_targets(
+    args: argparse.Namespace, bundles: dict[str, Bundle], results: list[dict[str, Any]]
+) -> None:
+    """Issue 14's fit targets, one line each, from this run's results.
+
+    ``~`` marks a time projected from the first batches (the fit would pass the cap),
+    ``>`` a lower bound (stopped at the cap). Workloads not run, and configurations this
+    run left out (``--quick``, ``--libs``), print ``not measured`` with the reason.
+    """
+    print(
+        "\n# targets (issue 14): ~ = involves a time projected from the first batches past "
+        "the cap (or, with >, stopped at the cap: a lower bound)"
+    )
+    for workload in WORKLOADS:
+        absent = None if workload in args.workloads else f"{workload} not in --workloads"
+        groups = _groups(results, workload)
+        epoch = next(
+            (r for r in results if r["job"]["workload"] == workload and r["job"]["lib"] == "epoch"),
+            None,
+        )
+        epoch_s = epoch["seconds"] if epoch and epoch["status"] == "ok" else None
+        _target_faster(workload, groups, absent)
+        _target_memory(workload, groups, absent)
+        skipped = absent or (
+            "ours not in --libs"
+            if "ours" not in args.libs
+            else "not in --quick's configurations"
+            if args.quick
+            else "not run"
+        )
+        for structure, label in (("diag", "diagonal"), ("kron", "KFAC")):
+            rows = [_ours(groups.get(("last_layer", structure, c), [])) for c in CURVATURES]
+            _target_epochs(
+                f"{workload} last-layer {label} fit",
+                rows,
+                epoch_s,
+                LAST_LAYER_MAX_EPOCHS,
+                f"<= {LAST_LAYER_MAX_EPOCHS:g} epochs",
+                f"last_layer {structure}: {skipped}",
+            )
+        if workload in ("W1", "W2"):
+            rows = groups.get(("last_layer", "kron", "ggn"), [])
+            peer = next(
+                (
+                    r
+                    for r in rows
+                    if r["job"]["lib"] == "laplace" and r["job"]["variant"] == LAPLACE_DEFAULT
+                ),
+                None,
+            )
+            mine, theirs = _seconds(_ours(rows)), _seconds(peer)
+            what = f"{workload} last-layer KFAC (GGN) fit, laplace-torch {LAPLACE_DEFAULT} / ours"
+            limit = f">= {LAST_LAYER_KFAC_MIN_SPEEDUP:g}x"
+            if mine is None or theirs is None:
+                missing = "ours" if mine is None else "laplace-torch's default"
+                why = absent or (skipped if not rows else f"{missing} not timed")
+                report(what, None, limit, None, why)
+            else:
+                ratio = theirs[0] / mine[0]
+                mark = "~" if mine[1] or theirs[1] else ""
+                measured = f"{mark}{_fmt_x(ratio)} ({_fmt_t(theirs)} vs {_fmt_t(mine)})"
+                report(what, measured, limit, ratio >= LAST_LAYER_KFAC_MIN_SPEEDUP)
+        if workload == "W3":
+            n_classes = _n_classes(workload, bundles.get(workload))
+            for curvature, label in (("fisher", "MC-Fisher"), ("ggn", "exact-GGN")):
+                if curvature == "fisher":
+                    max_epochs = W3_FISHER_MAX_EPOCHS
+                    limit = f"<= {max_epochs:g} epochs"
+                elif n_classes is not None:
+                    max_epochs = W3_GGN_MAX_EPOCHS_PER_CLASS * n_classes
+                    limit = f"<= {W3_GGN_MAX_EPOCHS_PER_CLASS:g} C = {max_epochs:g} epochs (C = {n_classes})"
+                else:
+                    max_epochs, limit = float("nan"), f"<= {W3_GGN_MAX_EPOCHS_PER_CLASS:g} C epochs"
+                for structure, name in (("kron", "KFAC"), ("diag", "diagonal")):
+                    rows = [_ours(groups.get(("all", structure, curvature), []))]
+                    _target_epochs(
+                        f"W3 all-weights {label} {name} fit",
+                        rows,
+                        epoch_s,
+                        max_epochs,
+                        limit,
+                        f"all {structure} {curvature}: {skipped}",
+                    )
 
 
 def _fmt_load(load: tuple[float, ...]) -> str:
@@ -352,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"meta": meta, "total_s": total, "results": results}
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"# wrote {args.json}")
+    print_targets(args, bundles, results)
     return 0
 
 

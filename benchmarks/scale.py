@@ -30,6 +30,12 @@ the timed full fit (the median of 3 when one takes under 2 s). A process still r
 (``getrusage``) minus its RSS once model and data were built; each process runs under an
 address-space budget (``--budget-mb``), so a fit that needs more memory fails as ``OOM``.
 
+It ends with the targets of the sweeps it ran, one ``target: ... met`` line each (see
+``_targets.py``; the limits are this script's constants): ours' fit time grows at most
+linearly in N (every step's exponent <= ``MAX_N_EXPONENT``) and as h^2 in the width
+(<= ``MAX_WIDTH_EXPONENT``), per structure; the 2-rank curvature equals the 1-rank one
+(``SAME_CURVATURE_TOL``, same ``n_data``); 2 ranks x 1 thread beat 1 rank x 1 thread.
+
 Usage (from the repository root, in the benchmark environment)::
 
     nice -n 19 .venv-bench/bin/python benchmarks/scale.py --json /tmp/scale.json
@@ -45,6 +51,7 @@ import gc
 import importlib.util
 import itertools
 import json
+import math
 import os
 import signal
 import statistics
@@ -54,6 +61,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _targets import target_line
 from memory import (  # also sets OMP_WAIT_POLICY and sys.path before torch loads
     LIB_NAMES,
     Meter,
@@ -71,6 +79,13 @@ D_IN = 64
 CLASSES = 10
 BATCH = 256
 SEED = 0
+# Targets (printed at the end): ours' fit time grows at most linearly in N and as h^2 in
+# the width (every step's exponent, with a little slack for noise); the 2-rank fit gives
+# the 1-rank curvature and is faster than one rank with one thread.
+MAX_N_EXPONENT = 1.1
+MAX_WIDTH_EXPONENT = 2.2
+SAME_CURVATURE_TOL = 1e-4  # largest relative difference, 2 ranks vs 1 (float32 sums)
+MIN_RANK_SPEEDUP = 1.0
 
 
 # ---------------------------------------------------------------- workload
@@ -514,7 +529,77 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
                     f"{two['max_rel_diff']:.1e}; n_data {two['n_data']:,} vs "
                     f"{two['n_data_single']:,}"
                 )
+    out += ["", *targets(records, args)]
     return "\n".join(out)
+
+
+def _status(record: dict[str, Any] | None) -> str:
+    return "not run" if record is None else record["status"]
+
+
+def _growth_target(
+    records: list[dict[str, Any]], key: str, structure: str, max_exponent: float, label: str
+) -> str:
+    """Ours' worst time-growth exponent over consecutive sizes of ``key`` (N or width)."""
+    rows = sorted(
+        (r for r in records if r["lib"] == "ours" and r["structure"] == structure),
+        key=lambda r: r[key],
+    )
+    what = f"ours {structure} fit time growth in {label}, worst step's exponent"
+    limit = f"<= {max_exponent:g}"
+    steps = [(a, b) for a, b in itertools.pairwise(rows) if a["status"] == b["status"] == "ok"]
+    untimed = [f"{label} {r[key]:,} {r['status']}" for r in rows if r["status"] != "ok"]
+    if not steps:
+        why = "; ".join(["fewer than two consecutive sizes timed", *untimed])
+        return target_line(what, None, limit, None, why)
+    exponent, a, b = max(
+        (math.log(b["fit_s"] / a["fit_s"]) / math.log(b[key] / a[key]), a, b) for a, b in steps
+    )
+    measured = f"{exponent:.2f} ({label} {a[key]:,}->{b[key]:,})"
+    if untimed:
+        measured += f"; not timed: {', '.join(untimed)}"
+    return target_line(what, measured, limit, exponent <= max_exponent)
+
+
+def targets(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The targets of the sweeps this run made, one line each."""
+    lines = []
+    structures = [s for s in args.structures.split(",") if s]
+    sweeps = {r["sweep"] for r in records}
+    for sweep, key, max_exponent, label in (
+        ("data", "n", MAX_N_EXPONENT, "N"),
+        ("width", "width", MAX_WIDTH_EXPONENT, "width"),
+    ):
+        if sweep in sweeps:
+            rows = [r for r in records if r["sweep"] == sweep]
+            lines += [_growth_target(rows, key, st, max_exponent, label) for st in structures]
+    ranks = {r.get("what"): r for r in records if r["sweep"] == "ranks"}
+    if not ranks:
+        return lines
+    two = ranks.get("2 gloo ranks x 1 thread")
+    one1, one2 = ranks.get("1 rank, 1 thread"), ranks.get("1 rank, 2 threads")
+    what = "2-rank curvature vs 1-rank, max relative difference"
+    limit = f"<= {SAME_CURVATURE_TOL:.0e} and the same n_data"
+    if two is None or "max_rel_diff" not in two:
+        why = f"2 ranks {_status(two)}, 1 rank x 2 threads {_status(one2)}"
+        lines.append(target_line(what, None, limit, None, why))
+    else:
+        same_n = two["n_data"] == two["n_data_single"]
+        measured = (
+            f"{two['max_rel_diff']:.1e}, n_data {two['n_data']:,} vs {two['n_data_single']:,}"
+        )
+        met = two["max_rel_diff"] <= SAME_CURVATURE_TOL and same_n
+        lines.append(target_line(what, measured, limit, met))
+    what = "speed-up of 2 ranks x 1 thread over 1 rank x 1 thread"
+    limit = f"> {MIN_RANK_SPEEDUP:g}x"
+    if two is None or one1 is None or two["status"] != "ok" or one1["status"] != "ok":
+        why = f"2 ranks {_status(two)}, 1 rank x 1 thread {_status(one1)}"
+        lines.append(target_line(what, None, limit, None, why))
+    else:
+        speedup = one1["fit_s"] / two["fit_s"]
+        measured = f"{speedup:.2f}x ({one1['fit_s']:.2f} s vs {two['fit_s']:.2f} s)"
+        lines.append(target_line(what, measured, limit, speedup > MIN_RANK_SPEEDUP))
+    return lines
 
 
 if __name__ == "__main__":
