@@ -182,6 +182,7 @@ def _prepare_ours(cfg: Config, model: nn.Module, loader: DataLoader) -> Prepare:
             curvature=cfg.curvature,
             prior_precision=1.0,
             fisher_samples=1,
+            max_full_params=25_000,  # W2's last layer has 20,490 (the default refuses it)
         )
         return lambda: la.fit(loader)
 
