@@ -270,9 +270,14 @@ class EigenDecomposition:
         if prior.ndim == 0 or self.basis.elementwise:
             return EigenPrecision(scale * values + prior, self.basis)
         if self.matrix is not None:
-            matrix = self.matrix.to(prior.dtype)
-            new_values, vectors = torch.linalg.eigh(scale * matrix + torch.diag(prior))
-            return EigenPrecision(new_values, DenseBasis(vectors))
+            precision = scale * self.matrix.to(prior.dtype) + torch.diag(prior)
+            new_values, vectors = torch.linalg.eigh(precision)
+            # log det through Cholesky: its derivatives of every order are finite, where
+            # eigh's second derivative divides by eigenvalue gaps, 0 for the repeated
+            # eigenvalues a rank-deficient block gets from a prior constant per layer.
+            factor, info = torch.linalg.cholesky_ex(precision)
+            log_det = 2.0 * factor.diagonal().log().sum() if int(info) == 0 else None
+            return EigenPrecision(new_values, DenseBasis(vectors), log_det)
         raise ValueError(
             "a prior precision that varies within a Kronecker-factored block cannot be "
             "absorbed in its eigenbasis; use prior_structure='scalar' or 'layerwise' with "
@@ -287,6 +292,7 @@ class EigenPrecision:
 
     values: Tensor
     basis: Basis
+    log_det: Tensor | None = None  # log det when computed otherwise than from ``values``
 
     @property
     def elementwise(self) -> bool:
@@ -305,11 +311,12 @@ class EigenPrecision:
 
     def to(self, dtype: torch.dtype) -> EigenPrecision:
         """The same block with its eigenvalues and basis in ``dtype``."""
-        return EigenPrecision(self.values.to(dtype), self.basis.to(dtype))
+        log_det = None if self.log_det is None else self.log_det.to(dtype)
+        return EigenPrecision(self.values.to(dtype), self.basis.to(dtype), log_det)
 
     def logdet(self) -> Tensor:
         """``log det`` of the precision block."""
-        return self.values.log().sum()
+        return self.values.log().sum() if self.log_det is None else self.log_det
 
     def solve(self, v: Tensor) -> Tensor:
         """``Σv`` for row vectors ``(..., p)``."""
