@@ -1,4 +1,5 @@
-"""``Product.diag`` over positions, in per-sample chunks, against explicit per-datum sums.
+"""``Product.diag`` and ``gram_diagonal`` over positions, in per-sample chunks, against
+explicit per-datum sums.
 
 The exact diagonal of a weight applied at several positions (a convolution, a sequence) is
 ``Σ_v Σ_b (Σ_t g_{vbt} a_{bt}ᵀ)²``; the segment forms it chunk by chunk in one reused
@@ -40,3 +41,21 @@ def test_diag_in_chunks_matches_per_sample_sums(monkeypatch, chunk, transposed):
     monkeypatch.setattr(segments_base, "CHUNK_ELEMENTS", chunk * n_cols * d_out * d_in)
     segment = Product(inputs, grads, transposed)
     assert_close(segment.diag(), _brute_diag(grads, inputs, transposed), rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_gram_diagonal_in_chunks_matches_per_sample_sums(monkeypatch, chunk):
+    """``(B, V)``: each per-sample gradient squared against the weights, in batch order."""
+    n_cols, batch, positions, d_out, d_in = 3, 5, 4, 2, 6
+    g = generator(100 + chunk)
+    grads = torch.randn(n_cols, batch, positions, d_out, generator=g, dtype=DTYPE)
+    inputs = torch.randn(batch, positions, d_in, generator=g, dtype=DTYPE)
+    weights = torch.rand(d_out * d_in, generator=g, dtype=DTYPE)
+    monkeypatch.setattr(segments_base, "CHUNK_ELEMENTS", chunk * n_cols * d_out * d_in)
+    expected = torch.zeros(batch, n_cols, dtype=DTYPE)
+    for v in range(n_cols):
+        for b in range(batch):
+            u = sum(torch.outer(grads[v, b, t], inputs[b, t]) for t in range(positions))
+            expected[b, v] = (u.reshape(-1).square() * weights).sum()
+    actual = Product(inputs, grads).gram_diagonal(weights)
+    assert_close(actual, expected, rtol=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -100,19 +101,28 @@ class Product:
         a = self.inputs
         if self.positions == 1:
             return self._flat(g[:, :, 0].square().sum(0).T @ a[:, 0].square())
-        # Per-sample gradients of a chunk, squared in place in one reused buffer: a fresh
-        # (V, chunk, d_out, d_in) tensor and its square per chunk cost more in memory
-        # traffic than the product itself where T is small and d_in large (deep convs).
+        total = a.new_zeros(self.n_columns * self.d_out, self.d_in)
+        for part in self._per_sample_chunks():
+            total += part.square_().sum(0)
+        return self._flat(total.reshape(self.n_columns, self.d_out, self.d_in).sum(0))
+
+    def _per_sample_chunks(self) -> Iterator[Tensor]:
+        """The per-sample gradients ``(n, V·d_out, d_in)`` of ``n`` data at a time, in batch
+        order, in one reused buffer (overwritten by the next chunk).
+
+        A fresh ``(V, chunk, d_out, d_in)`` tensor per chunk, and its square, cost more in
+        memory traffic than the product itself where T is small and d_in large (deep
+        convolutions); the callers square the buffer in place.
+        """
         n_cols, batch = self.n_columns, self.batch
-        left = g.permute(1, 0, 3, 2).reshape(batch, n_cols * self.d_out, self.positions)
+        left = self.grads.permute(1, 0, 3, 2).reshape(batch, n_cols * self.d_out, self.positions)
         step = batch_chunks(n_cols, batch, self.size)
+        a = self._a()
         buffer = a.new_empty(min(step, batch), n_cols * self.d_out, self.d_in)
-        total = a.new_zeros(n_cols * self.d_out, self.d_in)
         for start in range(0, batch, step):
             part = buffer[: min(step, batch - start)]
             torch.bmm(left[start : start + step], a[start : start + step], out=part)
-            total += part.square_().sum(0)
-        return self._flat(total.reshape(n_cols, self.d_out, self.d_in).sum(0))
+            yield part
 
     def kron(self, approx: KfacApprox) -> list[Tensor]:
         """Factors ``G = Σ g gᵀ`` and ``A = Σ a aᵀ`` over rows, and the row count.
@@ -174,12 +184,9 @@ class Product:
             per_output = self.inputs[:, 0].square() @ w.T  # (B, d_out)
             return torch.einsum("vbo,bo->bv", g[:, :, 0].square(), per_output)
         out = []
-        step = batch_chunks(self.n_columns, self.batch, self.size)
-        for start in range(0, self.batch, step):
-            u = torch.einsum(
-                "vbto,bti->vboi", g[:, start : start + step], self.inputs[start : start + step]
-            )
-            out.append(torch.einsum("vboi,oi->bv", u.square(), w))
+        for part in self._per_sample_chunks():
+            u2 = part.square_().reshape(part.shape[0], self.n_columns, self.d_out, self.d_in)
+            out.append(torch.einsum("bvoi,oi->bv", u2, w))
         return torch.cat(out)
 
     def dots(self, vectors: Tensor) -> Tensor:
