@@ -381,14 +381,15 @@ def _target_faster(workload: str, groups: dict, absent: str | None) -> None:
             mark = "~" if mine[1] or t[1] else ""
             text = f"{mark}{_fmt_x(ratio)} ({'/'.join(key)}: {_who(r)} {_fmt_t(t)}, ours {_fmt_t(mine)})"
             worst = (ratio, text)
-    if worst is None:
-        why = absent or "no configuration with ours and a peer timed"
-        report(what, None, limit, None, "; ".join([why, *failed]))
-        return
-    measured = worst[1] + (f"; {n_slower} of {n_rows} rows not faster" if n_slower else "")
-    measured += "".join(f"; {f}" for f in failed)
-    met = n_slower == 0 and not failed
-    report(f"{what} ({n_rows} rows), worst peer/ours", measured, limit, met)
+    _report_rows(
+        what,
+        "worst peer/ours",
+        limit,
+        None if worst is None else worst[1],
+        (n_rows, n_slower, "not faster"),
+        failed,
+        absent or "no configuration with ours and a peer timed",
+    )
 
 
 def _target_memory(workload: str, groups: dict, absent: str | None) -> None:
@@ -417,14 +418,37 @@ def _target_memory(workload: str, groups: dict, absent: str | None) -> None:
         if worst is None or excess > worst[0]:
             text = f"{excess:+.1f} MB ({'/'.join(key)}: ours {mine:.1f} MB, {_who(r)} {low:.1f} MB)"
             worst = (excess, text)
+    _report_rows(
+        what,
+        "worst ours - lowest peer",
+        limit,
+        None if worst is None else worst[1],
+        (n_rows, n_higher, "higher"),
+        failed,
+        absent or "no configuration with ours and a completed peer",
+    )
+
+
+def _report_rows(
+    what: str,
+    worst_name: str,
+    limit: str,
+    worst: str | None,
+    counts: tuple[int, int, str],
+    failed: list[str],
+    why_none: str,
+) -> None:
+    """One per-row target: the worst row's text, how many of the ``n_rows`` rows missed
+    (``counts``: rows, misses, what a miss is), and the rows ours failed where a peer did
+    not; not measured (``why_none``) when no row had both."""
     if worst is None:
-        why = absent or "no configuration with ours and a completed peer"
-        report(what, None, limit, None, "; ".join([why, *failed]))
+        report(what, None, limit, None, "; ".join([why_none, *failed]))
         return
-    measured = worst[1] + (f"; {n_higher} of {n_rows} rows higher" if n_higher else "")
+    n_rows, n_missed, missed = counts
+    measured = worst + (f"; {n_missed} of {n_rows} rows {missed}" if n_missed else "")
     measured += "".join(f"; {f}" for f in failed)
-    met = n_higher == 0 and not failed
-    report(f"{what} ({n_rows} rows), worst ours - lowest peer", measured, limit, met)
+    met = n_missed == 0 and not failed
+    report(f"{what} ({n_rows} rows), {worst_name}", measured, limit, met)
 
 
 def _target_epochs(
