@@ -302,6 +302,12 @@ class BlockDiagonal:
             tensor.mul_(factor)
         return self
 
+    def zero_(self) -> BlockDiagonal:
+        """Set every block's state to zero in place."""
+        for tensor in self.state():
+            tensor.zero_()
+        return self
+
     def end_pass(self) -> bool:
         """Finish a pass over the data; True if another pass is needed."""
         for block in self.blocks:
@@ -328,9 +334,7 @@ class BlockDiagonal:
     def zeros_like(self) -> BlockDiagonal:
         """A fresh accumulator of the same layout (single-pass blocks): every state tensor
         zero, every block active."""
-        fresh = self.clone()
-        for tensor in fresh.state():
-            tensor.zero_()
+        fresh = self.clone().zero_()
         for block in fresh.blocks:
             block.active = True
         return fresh
