@@ -98,9 +98,7 @@ def newton_maximise(
     """
     x = x0.detach().clone()
     for iteration in range(1, max_iter + 1):
-        value = objective(x)
-        grad = torch.autograd.functional.jacobian(objective, x)
-        hess = torch.autograd.functional.hessian(objective, x)
+        value, grad, hess = _value_gradient_hessian(objective, x)
         chol, info = torch.linalg.cholesky_ex(-hess)
         if int(info) == 0:
             step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
@@ -119,6 +117,27 @@ def newton_maximise(
             return x, iteration, False
         x = candidate
     return x, max_iter, False
+
+
+def _value_gradient_hessian(
+    objective: Callable[[Tensor], Tensor], x: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The objective, its gradient and its Hessian at ``x`` from one forward pass: one
+    backward with a graph, then one backward of it per variable (a handful)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = objective(x)
+        (grad,) = torch.autograd.grad(value, x, create_graph=True)
+        rows = []
+        for i in range(x.numel()):
+            if not grad.requires_grad:  # the objective is linear in x
+                rows.append(torch.zeros_like(x))
+                continue
+            (row,) = torch.autograd.grad(
+                grad[i], x, retain_graph=i + 1 < x.numel(), allow_unused=True
+            )
+            rows.append(torch.zeros_like(x) if row is None else row)
+    return value.detach(), grad.detach(), torch.stack(rows).detach()
 
 
 def log_hyperprior(prior: Tensor, center: Tensor, strength: float) -> Tensor:
@@ -189,7 +208,8 @@ def tune_marglik(
     tol: float,
     max_iter: int,
 ) -> tuple[Tensor, Tensor, int, bool]:
-    """Maximise the evidence over the prior (and the noise), from a scalar starting prior.
+    """Maximise the evidence over the prior (and the noise), from a starting prior: 0-d,
+    or one per layer for the layer-wise and per-parameter structures.
 
     Returns:
         The prior (0-d, ``(L,)`` or ``(P,)``), the noise, the iteration count and whether

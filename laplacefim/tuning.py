@@ -45,9 +45,12 @@ def tune_evidence(
         )
     dtype, device = torch.float64, evidence.theta.device
     sigma = hyper.sigma_noise.to(dtype=dtype, device=device)
-    start = layout.per_param(hyper.prior_precision.to(dtype=dtype, device=device)).mean()
+    current = hyper.prior_precision.to(dtype=dtype, device=device)
+    start = layout.per_param(current).mean()
+    if structure is not PriorStructure.SCALAR and current.shape == (layout.n_layers,):
+        start = current  # warm start from the current layer-wise prior
     if structure is PriorStructure.DIAGONAL:  # refused by blocks that cannot absorb it
-        evidence.precision(start.clamp_min(1e-8).expand(layout.n_params), sigma)
+        evidence.precision(layout.per_param(start.clamp_min(1e-8)), sigma)
     prior, sigma, n_iter, converged = tune_marglik(
         evidence,
         structure,
