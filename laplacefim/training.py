@@ -190,7 +190,8 @@ def train_marglik(
     params = [p for _, p in trainable]
     optim = make_optimizer(params, lr=lr)
     base_prior = float(prior_precision)
-    priors: dict[str, Tensor | float] = {name: base_prior for name, _ in trainable}
+    priors = {name: p.detach().new_full((), base_prior) for name, p in trainable}
+    decays = list(priors.values())  # in the order of params
     n_data = _data_count(train_loader, config, device)
     history: list[MarglikEpoch] = []
     best: tuple[float, int, dict[str, Tensor], dict[str, Any]] | None = None
@@ -215,10 +216,7 @@ def train_marglik(
             nll = -scored.value / scored.count / la.temperature
             nll.backward()
             _average_gradients(params)
-            with torch.no_grad():  # the prior's gradient δ θ / N, added without autograd
-                for name, p in trainable:
-                    decay = priors[name] * p / n_data
-                    p.grad = decay if p.grad is None else p.grad.add_(decay)
+            _add_prior_gradient(params, decays, n_data)
             optim.step()
             total = total + nll.detach()
             n_batches += 1
@@ -235,6 +233,7 @@ def train_marglik(
             )
             n_data = la.n_data
             priors.update(la.parameter_priors)
+            decays = list(priors.values())
             if keep_best and (best is None or evidence > best[0]):
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 best = (evidence, epoch, weights, la.state_dict())
@@ -293,6 +292,19 @@ def _average_gradients(params: Sequence[Tensor]) -> None:
     world = torch.distributed.get_world_size()
     for g in grads:
         g.div_(world)
+
+
+def _add_prior_gradient(params: Sequence[Tensor], priors: Sequence[Tensor], n_data: int) -> None:
+    """Add the prior's gradient ``δ θ / N`` to each parameter's gradient, without autograd
+    (one fused call where every parameter has a gradient)."""
+    with torch.no_grad():
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            torch._foreach_addcmul_(grads, params, priors, value=1.0 / n_data)  # type: ignore[arg-type]
+            return
+        for p, d in zip(params, priors, strict=True):
+            decay = d * p / n_data
+            p.grad = decay if p.grad is None else p.grad.add_(decay)
 
 
 def _evidence_step(
