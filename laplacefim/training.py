@@ -298,9 +298,9 @@ def _add_prior_gradient(params: Sequence[Tensor], priors: Sequence[Tensor], n_da
     """Add the prior's gradient ``δ θ / N`` to each parameter's gradient, without autograd
     (one fused call where every parameter has a gradient)."""
     with torch.no_grad():
-        grads = [p.grad for p in params]
-        if all(g is not None for g in grads):
-            torch._foreach_addcmul_(grads, params, priors, value=1.0 / n_data)  # type: ignore[arg-type]
+        grads = [p.grad for p in params if p.grad is not None]
+        if len(grads) == len(params):
+            torch._foreach_addcmul_(grads, list(params), list(priors), value=1.0 / n_data)
             return
         for p, d in zip(params, priors, strict=True):
             decay = d * p / n_data

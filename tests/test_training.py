@@ -109,6 +109,42 @@ def test_diagonal_prior_keeps_undetermined_weights_at_the_prior_scale():
     assert bool((std < 3 / dead.sqrt()).all()) and float(std.max()) < 10.0
 
 
+class _WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 2)
+        self.unused = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_prior_gradient_reaches_parameters_without_a_data_gradient():
+    """Plain SGD on a parameter the loss does not use: only the prior's gradient δθ/N acts,
+    so each step multiplies it by 1 − lr·δ/N (the per-parameter path; the used layer's
+    values go through the fused one and are checked by the BayesianRidge test)."""
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().double()
+    start = model.unused.weight.detach().clone()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    train_marglik(
+        model,
+        loader,
+        "classification",
+        epochs=2,
+        lr=0.1,
+        optimizer="sgd",
+        prior_precision=4.0,
+        marglik_frequency=5,
+        keep_best=False,
+        subset=["used.weight", "used.bias"],
+    )
+    steps = 2 * len(loader)
+    assert_close(model.unused.weight.detach(), start * (1 - 0.1 * 4.0 / 40) ** steps, 1e-12)
+
+
 def test_mapping_batches_train_as_pairs_do():
     x, y = _linear_problem()
     pairs = [(x[i : i + 50], y[i : i + 50, None]) for i in range(0, 200, 50)]
