@@ -42,8 +42,8 @@ def test_patches_equal_unfold(options: dict) -> None:
     expected = _reference(conv, x)
     assert patches.shape == expected.shape
     assert torch.equal(patches, expected)
-    # the layout the factor Gram relies on: the transpose of a contiguous (B, d, T)
-    assert patches.transpose(1, 2).is_contiguous()
+    # the layout the input factor's Gram reads without a copy: a contiguous (d, B, T)
+    assert patches.permute(2, 0, 1).is_contiguous()
     # and the patches times the weight are the convolution itself
     out = patches @ conv.weight.reshape(4, -1).T + conv.bias
     ref = conv(x).flatten(2).transpose(1, 2)

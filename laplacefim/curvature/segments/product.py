@@ -218,11 +218,15 @@ class Product:
 def _row_gram(x: Tensor) -> Tensor:
     """``Σ_rows r rᵀ`` over the rows ``r`` of ``x (..., d)``.
 
-    Unfolded patches and convolution output gradients arrive as transposes of contiguous
+    Unfolded patches arrive as a contiguous ``(d, ...)`` tensor: it is the ``(d, rows)``
+    matrix already. Convolution output gradients arrive as transposes of contiguous
     ``(..., d, T)`` tensors; for them the ``(d, rows)`` matrix is gathered in runs of ``T``
     contiguous entries, where laying out ``(rows, d)`` would transpose element by element.
     """
     d = x.shape[-1]
+    if x.dim() > 2 and x.movedim(-1, 0).is_contiguous():
+        cols = x.movedim(-1, 0).reshape(d, -1)
+        return cols @ cols.T
     if x.dim() > 2 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
         cols = x.transpose(-1, -2).movedim(-2, 0).reshape(d, -1)
         return cols @ cols.T
