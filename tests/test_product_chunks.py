@@ -59,3 +59,18 @@ def test_gram_diagonal_in_chunks_matches_per_sample_sums(monkeypatch, chunk):
             expected[b, v] = (u.reshape(-1).square() * weights).sum()
     actual = Product(inputs, grads).gram_diagonal(weights)
     assert_close(actual, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [5, 511, 512, 515, 1030])
+def test_symmetric_gram_equals_the_full_product(d):
+    """The block-triangle Gram equals ``cols @ cols.T`` (float64) and is exactly symmetric,
+    for sizes below, at and above the threshold and with a ragged last block."""
+    from laplacefim.curvature.segments.product import symmetric_gram
+
+    cols = torch.randn(d, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    gram = symmetric_gram(cols)
+    torch.testing.assert_close(gram, cols @ cols.T, rtol=1e-12, atol=1e-12)
+    if d >= 512:  # mirrored blocks; below, whatever the BLAS returns
+        assert torch.equal(gram, gram.T)
+    transposed = symmetric_gram(cols.T.contiguous().T)  # a strided (d, n) view
+    torch.testing.assert_close(transposed, cols @ cols.T, rtol=1e-12, atol=1e-12)
