@@ -19,7 +19,6 @@ from laplacefim.curvature.segments.base import (
 )
 from laplacefim.options import KfacApprox
 
-
 # Factor Gram matrices from this size on are formed a block triangle at a time.
 SYMMETRIC_GRAM_MIN = 512
 
