@@ -62,11 +62,13 @@ def test_gram_diagonal_in_chunks_matches_per_sample_sums(monkeypatch, chunk):
 
 
 @pytest.mark.parametrize("d", [5, 511, 512, 515, 1030])
-def test_symmetric_gram_equals_the_full_product(d):
+def test_symmetric_gram_equals_the_full_product(d, monkeypatch):
     """The block-triangle Gram equals ``cols @ cols.T`` (float64) and is exactly symmetric,
-    for sizes below, at and above the threshold and with a ragged last block."""
+    for sizes below, at and above the row threshold and with a ragged last block."""
+    from laplacefim.curvature.segments import product
     from laplacefim.curvature.segments.product import symmetric_gram
 
+    monkeypatch.setattr(product, "SYMMETRIC_GRAM_MIN_ENTRIES", 0)  # small n, blocked anyway
     cols = torch.randn(d, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
     gram = symmetric_gram(cols)
     torch.testing.assert_close(gram, cols @ cols.T, rtol=1e-12, atol=1e-12)

@@ -19,8 +19,10 @@ from laplacefim.curvature.segments.base import (
 )
 from laplacefim.options import KfacApprox
 
-# Factor Gram matrices from this size on are formed a block triangle at a time.
+# Factor Gram matrices of at least this many rows, from at least this many entries, are
+# formed a block triangle at a time (smaller products lose more to the extra calls).
 SYMMETRIC_GRAM_MIN = 512
+SYMMETRIC_GRAM_MIN_ENTRIES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -235,11 +237,12 @@ def _row_gram(x: Tensor) -> Tensor:
 
 
 def symmetric_gram(cols: Tensor) -> Tensor:
-    """``cols @ cols.T`` for ``cols (d, n)``: for ``d ≥ 512``, only the blocks on and above
-    the diagonal of a 4x4 block grid are multiplied (10 of 16) and the rest mirrored, which
-    took 20-30 % off the input factors of a ResNet's convolutions here."""
+    """``cols @ cols.T`` for ``cols (d, n)``: for ``d ≥ 512`` and ``d·n ≥ 2²¹``, only the
+    blocks on and above the diagonal of a 4x4 block grid are multiplied (10 of 16) and the
+    rest mirrored, which took 20-30 % off the input factors of a ResNet's convolutions
+    here; below that size the extra calls cost more than they save."""
     d = cols.shape[0]
-    if d < SYMMETRIC_GRAM_MIN:
+    if d < SYMMETRIC_GRAM_MIN or cols.numel() < SYMMETRIC_GRAM_MIN_ENTRIES:
         return cols @ cols.T
     out = cols.new_empty(d, d)
     block = -(-d // 4)
