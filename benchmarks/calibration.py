@@ -16,8 +16,8 @@ Methods: MAP (Adam, weight decay 1e-4); temperature scaling (T on the validation
 a 5-member deep ensemble; ours post-hoc with layer-wise evidence-tuned priors
 (last-layer KFAC with the probit and the MC link, all-weights KFAC with the probit and the
 MC link and with a scalar prior, all-weights KFAC with a scalar prior chosen instead by
-the validation split's NLL (``KFAC-val``, the split TS uses), EKFAC, diagonal with a layer-wise and with a
-per-parameter prior); ours trained by ``train_marglik`` (all-weights
+the validation split's NLL (``KFAC-val``, the split TS uses), EKFAC, diagonal with a
+layer-wise and with a per-parameter prior); ours trained by ``train_marglik`` (all-weights
 KFAC, layer-wise prior; the same epochs, an evidence step every 5 epochs); and, where
 laplace-torch is installed (``.venv-bench``), its last-layer KFAC and its
 ``marglik_training`` on the same model and schedule. The models have no dropout, so MC

@@ -125,17 +125,15 @@ def _value_gradient_hessian(
     """The objective, its gradient and its Hessian at ``x`` from one forward pass: one
     backward with a graph, then one backward of it per variable (a handful)."""
     x = x.detach().requires_grad_(True)
+    n = x.numel()
     with torch.enable_grad():
         value = objective(x)
         (grad,) = torch.autograd.grad(value, x, create_graph=True)
+        if not grad.requires_grad:  # the objective is linear in x
+            return value.detach(), grad.detach(), x.new_zeros(n, n)
         rows = []
-        for i in range(x.numel()):
-            if not grad.requires_grad:  # the objective is linear in x
-                rows.append(torch.zeros_like(x))
-                continue
-            (row,) = torch.autograd.grad(
-                grad[i], x, retain_graph=i + 1 < x.numel(), allow_unused=True
-            )
+        for i in range(n):
+            (row,) = torch.autograd.grad(grad[i], x, retain_graph=i + 1 < n, allow_unused=True)
             rows.append(torch.zeros_like(x) if row is None else row)
     return value.detach(), grad.detach(), torch.stack(rows).detach()
 

@@ -187,7 +187,7 @@ def train_marglik(
     config = la.config
     device = model_device(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in trainable]
+    params: list[Tensor] = [p for _, p in trainable]
     optim = make_optimizer(params, lr=lr)
     base_prior = float(prior_precision)
     priors = {name: p.detach().new_full((), base_prior) for name, p in trainable}
@@ -294,13 +294,13 @@ def _average_gradients(params: Sequence[Tensor]) -> None:
         g.div_(world)
 
 
-def _add_prior_gradient(params: Sequence[Tensor], priors: Sequence[Tensor], n_data: int) -> None:
+def _add_prior_gradient(params: list[Tensor], priors: list[Tensor], n_data: int) -> None:
     """Add the prior's gradient ``δ θ / N`` to each parameter's gradient, without autograd
     (one fused call where every parameter has a gradient)."""
     with torch.no_grad():
         grads = [p.grad for p in params if p.grad is not None]
         if len(grads) == len(params):
-            torch._foreach_addcmul_(grads, list(params), list(priors), value=1.0 / n_data)
+            torch._foreach_addcmul_(grads, params, priors, value=1.0 / n_data)
             return
         for p, d in zip(params, priors, strict=True):
             decay = d * p / n_data

@@ -153,11 +153,9 @@ def _patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
     ResNet, same values), laid out as a contiguous ``(C·kh·kw, B, T)``: the input factor's
     Gram matrix then reads them as one ``(d, B·T)`` matrix without another copy."""
     padding: Any = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":
+    if isinstance(padding, str) or conv.padding_mode != "zeros" or any(padding):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    elif any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
     windows = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
     windows = windows[..., ::dh, ::dw]  # (B, C, H_out, W_out, kh, kw)
