@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laplacefim.curvature.rules.linear import _patches
+from laplacefim.curvature.segments.conv import patches as _patches
 
 CASES = [
     dict(kernel_size=3, padding=1),

@@ -248,8 +248,7 @@ def symmetric_gram(cols: Tensor) -> Tensor:
     block = -(-d // 4)
     for start in range(0, d, block):
         end = min(start + block, d)
-        rows = cols[start:end] @ cols[start:].T  # (block, d - start)
-        out[start:end, start:] = rows
+        rows = torch.mm(cols[start:end], cols[start:].T, out=out[start:end, start:])
         out[end:, start:end] = rows[:, end - start :].T
     return out
 
