@@ -163,7 +163,7 @@ def _first_pass(
                 rows = sums.engine.batch(x, y, generator)
         except (ValueError, TypeError) as error:
             raise type(error)(f"batch {index}: {error}") from error
-        sums.curvature.add_(sums.curvature.statistics(rows.segments))
+        sums.curvature.accumulate_(rows.segments)
         _keep(sums, rows.segments, config.pass_cache_mb)
         loss_stats: Tensor = rows.loss_stats  # type: ignore[assignment]
         sums.loss_stats = loss_stats + sums.loss_stats if sums.n_data else loss_stats
@@ -198,14 +198,14 @@ def _next_pass(
 ) -> None:
     if sums.cache is not None:  # replay the first pass's inputs and output gradients
         for segments in sums.cache:
-            sums.curvature.add_(sums.curvature.statistics(segments))
+            sums.curvature.accumulate_(segments)
         return
     device = model_device(sums.engine.model)
     for index, batch in enumerate(bar):
         x, y = config.io.split(batch, index)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         rows = sums.engine.batch(x, y, generator)
-        sums.curvature.add_(sums.curvature.statistics(rows.segments))
+        sums.curvature.accumulate_(rows.segments)
         del rows
 
 

@@ -271,7 +271,7 @@ class NaturalGradient:
             batch = self._scratch = self.statistics.zeros_like()
         else:  # reused: a fresh copy of the layout per update costs more than the GEMMs
             batch = self._scratch.zero_()
-        batch.add_(batch.statistics(rows.segments))
+        batch.accumulate_(rows.segments)
         _, n_data = distributed.exchange_status(
             False, int(rows.n_data), batch.state()[0].device, self.group
         )

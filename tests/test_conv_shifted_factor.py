@@ -35,8 +35,9 @@ GEOMETRIES = [
 
 
 def unfolded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``(B, T, d)`` patches by ``F.unfold`` of the zero-padded input."""
-    padded = F.pad(x, conv._reversed_padding_repeated_twice)
+    """``(B, T, d)`` patches by ``F.unfold`` of the input padded as the layer pads it."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
     return F.unfold(padded, conv.kernel_size, conv.dilation, 0, conv.stride).transpose(1, 2)
 
 
@@ -61,21 +62,35 @@ def test_shifted_gram_equals_the_patch_gram(options: dict, size: tuple[int, int]
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_a_layer_called_twice_sums_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two calls on images of different sizes: factors, diagonal and per-sample gradients
-    equal those of the patches of both calls stacked as positions."""
-    force_shifted_route(monkeypatch)
+@pytest.mark.parametrize("shifted", [True, False])
+def test_a_layer_called_twice_sums_its_calls(
+    monkeypatch: pytest.MonkeyPatch, shifted: bool
+) -> None:
+    """Two calls on images of different sizes: factors (formed, and added to totals in
+    place), diagonal and per-sample gradients equal those of the patches of both calls
+    stacked as positions."""
+    if shifted:
+        force_shifted_route(monkeypatch)
+    else:
+        monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_CHANNELS", 1 << 30)
     g = generator(1)
     conv = nn.Conv2d(2, 3, 3, padding=1, dtype=torch.float64)
     images = [torch.randn(5, 2, s, s, generator=g, dtype=torch.float64) for s in (4, 6)]
     grads = torch.randn(2, 5, 16 + 36, 3, generator=g, dtype=torch.float64)
     segment = conv_product(conv, images, grads, {})
-    assert isinstance(segment, ConvProduct)
+    assert isinstance(segment, ConvProduct) and segment.shifted is shifted
     patches = torch.cat([unfolded(conv, x) for x in images], 1)
     expected = Product(patches, grads)
     for approx in KfacApprox:
         for got, want in zip(segment.kron(approx), expected.kron(approx), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # added in place to running totals, twice: twice the factors
+    totals = [torch.zeros(3, 3, dtype=torch.float64), torch.zeros(18, 18, dtype=torch.float64)]
+    totals.append(torch.zeros((), dtype=torch.float64))
+    assert segment.kron_into(KfacApprox.EXPAND, totals)
+    assert segment.kron_into(KfacApprox.EXPAND, totals)
+    for got, want in zip(totals, expected.kron(KfacApprox.EXPAND), strict=True):
+        torch.testing.assert_close(got, 2 * want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(segment.diag(), expected.diag(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(segment.per_sample(), expected.per_sample(), rtol=1e-12, atol=0)
 
@@ -97,7 +112,10 @@ def test_convolutions_the_route_cannot_describe_keep_their_patches(
     out = conv(x)
     grads = torch.randn(1, 3, out.shape[2] * out.shape[3], 3, dtype=torch.float64)
     segment = conv_product(conv, [x], grads, {})
-    assert isinstance(segment, Product)
+    assert isinstance(segment, ConvProduct) and not segment.shifted
+    patches = unfolded(conv, x)
+    expected = torch.einsum("bti,btj->ij", patches, patches)
+    torch.testing.assert_close(segment.kron(KfacApprox.EXPAND)[1], expected, rtol=1e-12, atol=0)
 
 
 class ShiftedNet(nn.Module):
@@ -126,13 +144,12 @@ def test_fit_through_the_shifted_route_equals_the_reference(
 ) -> None:
     force_shifted_route(monkeypatch)
     calls: list[int] = []
-    kron = ConvProduct.kron
 
-    def counted(self: ConvProduct, approx: KfacApprox) -> list[torch.Tensor]:
+    def counted(*args: object) -> torch.Tensor:
         calls.append(1)
-        return kron(self, approx)
+        return shifted_gram(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ConvProduct, "kron", counted)
+    monkeypatch.setattr(conv_segments, "shifted_gram", counted)
     g = generator(3)
     model = ref.init_(ShiftedNet(), g, 0.6)
     x = torch.randn(7, 1, 5, 4, generator=g, dtype=ref.DTYPE)

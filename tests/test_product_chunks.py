@@ -76,3 +76,10 @@ def test_symmetric_gram_equals_the_full_product(d, monkeypatch):
         assert torch.equal(gram, gram.T)
     transposed = symmetric_gram(cols.T.contiguous().T)  # a strided (d, n) view
     torch.testing.assert_close(transposed, cols @ cols.T, rtol=1e-12, atol=1e-12)
+    # added in place to a running total, over two batches
+    more = torch.randn(d, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    total = torch.zeros(d, d, dtype=torch.float64)
+    assert symmetric_gram(cols, total) is total
+    symmetric_gram(more, total)
+    expected = cols @ cols.T + more @ more.T
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)

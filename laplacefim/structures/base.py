@@ -210,6 +210,12 @@ class StructureSpec(Protocol):
         ...
 
 
+def add_statistics(block: Block, segments: SegmentMap) -> None:
+    """Add a batch's :meth:`Block.statistics` to the block's state in place."""
+    for total, part in zip(block.state(), block.statistics(segments), strict=True):
+        total.add_(part.to(total.dtype))
+
+
 def zeros_like(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Zero tensors shaped as ``tensors``."""
     return [torch.zeros_like(t) for t in tensors]
@@ -284,6 +290,19 @@ class BlockDiagonal:
     def statistics(self, segments: SegmentMap) -> list[Tensor]:
         """One batch's contribution of the active blocks, laid out as :meth:`active_state`."""
         return [t for block in self.blocks if block.active for t in block.statistics(segments)]
+
+    def accumulate_(self, segments: SegmentMap) -> BlockDiagonal:
+        """Add one batch's contribution to the active blocks' state, block by block (a
+        block with ``accumulate_`` forms it in place), so that a batch never holds more
+        than one block's fresh statistics."""
+        for block in self.blocks:
+            if block.active:
+                own = getattr(block, "accumulate_", None)
+                if own is None:
+                    add_statistics(block, segments)
+                else:
+                    own(segments)
+        return self
 
     def add_(self, contributions: Sequence[Tensor]) -> BlockDiagonal:
         """Add tensors laid out as :meth:`active_state` in place."""

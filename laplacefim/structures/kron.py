@@ -19,7 +19,7 @@ from torch import Tensor
 
 from laplacefim.curvature.segments import Segment
 from laplacefim.options import CurvatureKind, KfacApprox
-from laplacefim.structures.base import Block, Plan, SegmentMap, zeros_like
+from laplacefim.structures.base import Block, Plan, SegmentMap, add_statistics, zeros_like
 from laplacefim.structures.diag import diag_block
 from laplacefim.structures.eigen import EigenDecomposition, KronBasis, symmetric_eigh
 
@@ -81,6 +81,14 @@ class KronBlock:
     def state(self) -> list[Tensor]:
         """``[first, second, count]``."""
         return [self.first, self.second, self.count]
+
+    def accumulate_(self, segments: SegmentMap) -> None:
+        """Add the batch's factors to the state, in place where the segment can form them
+        there (a convolution's input factor: no fresh factor per batch)."""
+        segment = self.segment(segments)
+        into = getattr(segment, "kron_into", None)
+        if into is None or not into(self.approx, self.state()):
+            add_statistics(self, segments)
 
     def end_pass(self) -> None:
         """One pass suffices."""

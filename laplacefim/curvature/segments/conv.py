@@ -29,6 +29,7 @@ from laplacefim.curvature.segments.product import (
     SYMMETRIC_GRAM_MIN,
     SYMMETRIC_GRAM_MIN_ENTRIES,
     Product,
+    _row_gram,
 )
 from laplacefim.options import KfacApprox
 
@@ -141,9 +142,10 @@ class Geometry:
         return len(self.shifts()) * channels**2 * batch * (height * width + border)
 
 
-def shifted_gram(x: Tensor, geometry: Geometry) -> Tensor:
+def shifted_gram(x: Tensor, geometry: Geometry, into: Tensor | None = None) -> Tensor:
     """The input factor ``Σ_{b,t} p_{bt} p_{bt}ᵀ`` of the patches of ``x (B, C, H, W)``,
-    ``(C·kh·kw, C·kh·kw)`` in patch order, from shifted products of ``x`` with itself.
+    ``(C·kh·kw, C·kh·kw)`` in patch order, from shifted products of ``x`` with itself
+    (added to ``into`` in place if given).
 
     The image sits at the top left of a zero frame ``(H + kh_span − 1, W + kw_span − 1)``
     laid out flat per channel, with zeros after the last image: shifting the flat index by
@@ -165,7 +167,9 @@ def shifted_gram(x: Tensor, geometry: Geometry) -> Tensor:
     weights = x.new_tensor(missed)
     index = {o: i for i, o in enumerate(offsets)}
     k = len(offsets)
-    out = x.new_empty(channels, k, channels, k)  # the factor, rows and columns (c, i)
+    d = channels * k
+    total = x.new_empty(d, d) if into is None else into
+    out = total.view(channels, k, channels, k)  # rows and columns (channel, offset)
     for dy, dx in geometry.shifts():
         step = dy * width + dx
         whole = flat[:, : batch * frame] @ flat[:, step : step + batch * frame].T
@@ -186,9 +190,13 @@ def shifted_gram(x: Tensor, geometry: Geometry) -> Tensor:
             first = [i for i, _ in pairs]
             blocks -= torch.einsum("ig,gce->ice", weights[first], strips)
         for (i, j), block in zip(pairs, blocks, strict=True):
-            out[:, i, :, j] = block
-            out[:, j, :, i] = block.T
-    return out.view(channels * k, channels * k)
+            if into is None:
+                out[:, i, :, j] = block
+            else:
+                out[:, i, :, j] += block
+            if i != j:
+                out[:, j, :, i] = out[:, i, :, j].T
+    return total
 
 
 def patch_gram_cost(d: int, rows: int) -> float:
@@ -199,19 +207,22 @@ def patch_gram_cost(d: int, rows: int) -> float:
 
 @dataclass(frozen=True)
 class ConvProduct:
-    """A stride-1 convolution's weight as a :class:`Product` over its patches, formed only
-    when asked for; its Kronecker input factor comes from :func:`shifted_gram` instead.
+    """A convolution's weight as a :class:`Product` over its patches, unfolded only when
+    asked for; its Kronecker input factor comes from :func:`shifted_gram` where
+    ``shifted``, and is added to a running total in place by :meth:`kron_into`.
 
     Attributes:
-        conv: The layer (its kernel, padding and dilation).
+        conv: The layer (its kernel, stride, padding and dilation).
         images: Its ``(B, C, H, W)`` input in each call of the forward.
         grads: ``(V, B, T, d_out)`` output gradients, the calls stacked as positions.
+        shifted: Whether the input factor comes from shifted products (stride 1 only).
         shared: Scratch space shared with the layer's bias (the output factor).
     """
 
     conv: nn.Conv2d = field(compare=False)
     images: tuple[Tensor, ...]
     grads: Tensor
+    shifted: bool
     shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
@@ -254,19 +265,41 @@ class ConvProduct:
     def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> ConvProduct:
         """Cast to ``dtype``."""
         images = tuple(cast(x, dtype, memo) for x in self.images)
-        return ConvProduct(self.conv, images, cast(self.grads, dtype, memo), self.shared)
+        grads = cast(self.grads, dtype, memo)
+        return ConvProduct(self.conv, images, grads, self.shifted, self.shared)
+
+    def _input_factor(self, into: Tensor | None = None) -> Tensor:
+        """``A`` over the calls (added to ``into`` if given)."""
+        if not self.shifted:
+            return _row_gram(self.patched.inputs, into)  # type: ignore[arg-type]
+        for x in self.images:
+            geometry = Geometry.of(self.conv, x)
+            assert geometry is not None  # checked when the route was chosen
+            if into is None:
+                into = shifted_gram(x, geometry)
+            else:
+                shifted_gram(x, geometry, into)
+        assert into is not None
+        return into
 
     def kron(self, approx: KfacApprox) -> list[Tensor]:
-        """:meth:`Product.kron`, the input factor summed over the calls' shifted Grams."""
+        """:meth:`Product.kron` (the weight's input factor is its own, never shared)."""
         if approx is KfacApprox.REDUCE:
             return self.patched.kron(approx)
-        key = ("A", id(self.images[0]), "shifted")
-        if key not in self.shared:
-            grams = [shifted_gram(x, Geometry.of(self.conv, x)) for x in self.images]  # type: ignore[arg-type]
-            self.shared[key] = grams[0] if len(grams) == 1 else torch.stack(grams).sum(0)
         first = Product(None, self.grads, False, self.shared).kron(approx)[0]
         count = self.grads.new_full((), float(self.batch * self.positions))
-        return [first, self.shared[key], count]
+        return [first, self._input_factor(), count]
+
+    def kron_into(self, approx: KfacApprox, totals: list[Tensor]) -> bool:
+        """Add :meth:`kron` to running totals ``[first, second, count]`` in place, forming
+        no fresh input factor; False (nothing added) where it cannot."""
+        first, second, count = totals
+        if approx is KfacApprox.REDUCE or second.ndim != 2 or second.dtype != self.grads.dtype:
+            return False
+        first.add_(Product(None, self.grads, False, self.shared).kron(approx)[0])
+        self._input_factor(second)
+        count.add_(self.batch * self.positions)
+        return True
 
     def per_sample(self) -> Tensor:
         """``u (V, B, size)``."""
@@ -310,23 +343,24 @@ class ConvProduct:
 def conv_product(
     conv: nn.Conv2d, images: list[Tensor], grads: Tensor, shared: dict[object, Tensor]
 ) -> ConvProduct | Product:
-    """The weight segment of a ``groups=1`` convolution: a :class:`ConvProduct` where its
-    shifted input factor is the cheaper route (see ``SHIFTED_GRAM_MARGIN``), else a
-    :class:`Product` over the unfolded patches."""
+    """The weight segment of a ``groups=1`` convolution: a :class:`ConvProduct`, shifted
+    where that input factor is the cheaper route (see ``SHIFTED_GRAM_MARGIN``); a
+    :class:`Product` over the patches where the output is a single pixel."""
+    if grads.shape[2] == 1:  # one position: a linear layer's product (see structures.full)
+        return Product(join([patches(conv, x) for x in images], 1), grads, False, shared)
     geometries = [g for g in (Geometry.of(conv, x) for x in images) if g is not None]
     channels = images[0].shape[1]
     d = channels * conv.kernel_size[0] * conv.kernel_size[1]
     patch_cost = patch_gram_cost(d, grads.shape[1] * grads.shape[2])
-    if (
+    shifted = (
         len(geometries) == len(images)
         and channels >= SHIFTED_GRAM_MIN_CHANNELS
         and patch_cost >= SHIFTED_GRAM_MIN_COST
-    ):
-        shifted = sum(
+        and SHIFTED_GRAM_MARGIN
+        * sum(
             g.shifted_cost(channels, x.shape[0], (x.shape[2], x.shape[3]))
             for g, x in zip(geometries, images, strict=True)
         )
-        if shifted * SHIFTED_GRAM_MARGIN < patch_cost:
-            return ConvProduct(conv, tuple(images), grads, shared)
-    inputs = join([patches(conv, x) for x in images], 1)
-    return Product(inputs, grads, False, shared)
+        < patch_cost
+    )
+    return ConvProduct(conv, tuple(images), grads, shifted, shared)

@@ -220,8 +220,8 @@ class Product:
         return [self.grads] if self.inputs is None else [self.inputs, self.grads]
 
 
-def _row_gram(x: Tensor) -> Tensor:
-    """``Σ_rows r rᵀ`` over the rows ``r`` of ``x (..., d)``.
+def _row_gram(x: Tensor, into: Tensor | None = None) -> Tensor:
+    """``Σ_rows r rᵀ`` over the rows ``r`` of ``x (..., d)`` (added to ``into`` if given).
 
     Unfolded patches arrive as a contiguous ``(d, ...)`` tensor: it is the ``(d, rows)``
     matrix already. Convolution output gradients arrive as transposes of contiguous
@@ -230,26 +230,33 @@ def _row_gram(x: Tensor) -> Tensor:
     """
     d = x.shape[-1]
     if x.dim() > 2 and x.movedim(-1, 0).is_contiguous():
-        return symmetric_gram(x.movedim(-1, 0).reshape(d, -1))
+        return symmetric_gram(x.movedim(-1, 0).reshape(d, -1), into)
     if x.dim() > 2 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
-        return symmetric_gram(x.transpose(-1, -2).movedim(-2, 0).reshape(d, -1))
-    return symmetric_gram(x.reshape(-1, d).T)
+        return symmetric_gram(x.transpose(-1, -2).movedim(-2, 0).reshape(d, -1), into)
+    return symmetric_gram(x.reshape(-1, d).T, into)
 
 
-def symmetric_gram(cols: Tensor) -> Tensor:
-    """``cols @ cols.T`` for ``cols (d, n)``: for ``d ≥ 512`` and ``d·n ≥ 2²¹``, only the
-    blocks on and above the diagonal of a 4x4 block grid are multiplied (10 of 16) and the
-    rest mirrored, which took 20-30 % off the input factors of a ResNet's convolutions
-    here; below that size the extra calls cost more than they save."""
+def symmetric_gram(cols: Tensor, into: Tensor | None = None) -> Tensor:
+    """``cols @ cols.T`` for ``cols (d, n)``, or ``into += cols @ cols.T`` in place for a
+    symmetric ``into`` (a running sum over batches: no fresh ``d × d`` tensor per batch,
+    which for the input factor of a 512-channel convolution is 85 MB).
+
+    For ``d ≥ 512`` and ``d·n ≥ 2²¹``, only the blocks on and above the diagonal of a 4x4
+    block grid are multiplied (10 of 16) and the rest mirrored, which took 20-30 % off the
+    input factors of a ResNet's convolutions here; below that size the extra calls cost
+    more than they save."""
     d = cols.shape[0]
     if d < SYMMETRIC_GRAM_MIN or cols.numel() < SYMMETRIC_GRAM_MIN_ENTRIES:
-        return cols @ cols.T
-    out = cols.new_empty(d, d)
+        return cols @ cols.T if into is None else into.addmm_(cols, cols.T)
+    out = cols.new_empty(d, d) if into is None else into
     block = -(-d // 4)
     for start in range(0, d, block):
         end = min(start + block, d)
-        rows = torch.mm(cols[start:end], cols[start:].T, out=out[start:end, start:])
-        out[end:, start:end] = rows[:, end - start :].T
+        if into is None:
+            torch.mm(cols[start:end], cols[start:].T, out=out[start:end, start:])
+        else:
+            out[start:end, start:].addmm_(cols[start:end], cols[start:].T)
+        out[end:, start:end] = out[start:end, end:].T
     return out
 
 
