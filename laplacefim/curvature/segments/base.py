@@ -9,6 +9,9 @@ parameter it accounts for, the per-sample, per-column gradients ``u_{v,b}`` as o
   (``nn.Linear``, ``nn.Conv2d`` patches, recurrent steps, attention projections); a bias is
   the case ``a_t = 1``. Kronecker factors, exact diagonals and GLM contractions follow
   without forming ``u``.
+  A convolution's weight is a :class:`~laplacefim.curvature.segments.conv.ConvProduct`:
+  the same product over patches it unfolds only when asked, with its input factor from
+  shifted products of the input where that is cheaper.
 * :class:`Tokens` — ``u = Σ_t e_{token_t} g_tᵀ`` (``nn.Embedding``).
 * :class:`Samples` — ``u`` itself, ``(V, B, p)`` (any other module, via ``torch.func``).
 

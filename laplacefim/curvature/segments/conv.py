@@ -1,6 +1,6 @@
 """Convolution weights: ``Product`` over unfolded patches, with a cheaper input factor.
 
-A ``k×k`` convolution's input factor ``A = Σ_{b,t} p_{bt} p_{btᵀ}`` over its patches ``p``
+A ``k×k`` convolution's input factor ``A = Σ_{b,t} p_{bt} p_{bt}ᵀ`` over its patches ``p``
 costs ``(C·k²)²`` per position when formed from the patches. With stride 1, its
 ``C×C`` block for kernel offsets ``(o_i, o_j)`` is a correlation of the input with itself
 at the shift ``δ = o_j − o_i``, summed over the positions patch offset ``o_i`` reads:
