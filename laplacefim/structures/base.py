@@ -287,10 +287,6 @@ class BlockDiagonal:
         """The summable tensors of the blocks accumulating in the current pass."""
         return [tensor for block in self.blocks if block.active for tensor in block.state()]
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
-        """One batch's contribution of the active blocks, laid out as :meth:`active_state`."""
-        return [t for block in self.blocks if block.active for t in block.statistics(segments)]
-
     def accumulate_(self, segments: SegmentMap) -> BlockDiagonal:
         """Add one batch's contribution to the active blocks' state, block by block (a
         block with ``accumulate_`` forms it in place), so that a batch never holds more
@@ -302,17 +298,6 @@ class BlockDiagonal:
                     add_statistics(block, segments)
                 else:
                     own(segments)
-        return self
-
-    def add_(self, contributions: Sequence[Tensor]) -> BlockDiagonal:
-        """Add tensors laid out as :meth:`active_state` in place."""
-        state = self.active_state()
-        if len(contributions) != len(state):
-            raise ValueError(
-                f"expected {len(state)} tensors laid out as state(), got {len(contributions)}."
-            )
-        for total, part in zip(state, contributions, strict=True):
-            total.add_(part.to(total.dtype))
         return self
 
     def scale_(self, factor: float) -> BlockDiagonal:
