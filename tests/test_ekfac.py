@@ -190,6 +190,40 @@ def test_eigenvalues_with_kfac_reduce_basis():
     assert float(gap) > DIFFERENT * float(inner.to_dense().abs().max())
 
 
+class TwiceConv(nn.Module):
+    """Convolutions of several geometries, the last called twice on images of two sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1, dtype=DTYPE)
+        self.c = nn.Conv2d(3, 3, 3, dilation=2, padding=(3, 1), dtype=DTYPE)
+        self.head = nn.Linear(3, 3, dtype=DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        z = self.c(h).mean((2, 3)) + self.c(h[:, :, ::2, 1:]).mean((2, 3))
+        return self.head(z)
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 256.0])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_convolutions_called_twice_over_many_batches(approx, cache_mb):
+    """Many batches, biases whose rotations share one (reduce: scalar) basis, layers with
+    different position counts: every rotated product belongs to its own tensor (the
+    per-batch cache once handed a bias another bias's product of another shape), and the
+    eigenvalues are the exact GGN's in the basis."""
+    g = generator(4242)
+    model = ref.init_(TwiceConv(), g, 0.6)
+    x = torch.randn(18, 2, 5, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (18,), generator=g)
+    la = Laplace(
+        model, "classification", structure="ekfac", kfac_approx=approx, pass_cache_mb=cache_mb
+    )
+    la.fit(ref.loader(x, y, 3))
+    ggn = ref.dense_ggn(model, ref.trainable_names(model), x, "classification")
+    assert_max_close(la.curvature.to_dense(), _oracle_ekfac(la, ggn), RTOL)
+
+
 # --------------------------------------------------------------------------------------
 # 2. never further from the exact GGN than KFAC
 # --------------------------------------------------------------------------------------

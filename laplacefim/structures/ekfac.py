@@ -29,7 +29,7 @@ class Shared:
 
     def __init__(self) -> None:
         self.factors: list[tuple[Tensor, tuple[Tensor, Tensor | None]]] = []
-        self.rotated: dict[tuple[int, int], Tensor] = {}
+        self.rotated: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.batch: int | None = None
 
     def eigh(self, factor: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -42,11 +42,12 @@ class Shared:
         return found
 
     def rotate(self, x: Tensor, q: Tensor) -> Tensor:
-        """``x @ q``, once per batch for each pair."""
+        """``x @ q``, once per batch for each pair; ``x`` is kept with the product, so that
+        its id cannot be reused by another tensor (a bias's temporary ones) in the batch."""
         key = (id(x), id(q))
         if key not in self.rotated:
-            self.rotated[key] = x @ q
-        return self.rotated[key]
+            self.rotated[key] = (x, x @ q)
+        return self.rotated[key][1]
 
     def start_batch(self, segments: SegmentMap) -> None:
         """Forget the previous batch's products when a new batch comes."""

@@ -17,7 +17,6 @@ patch copy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -164,7 +163,6 @@ def shifted_gram(x: Tensor, geometry: Geometry, into: Tensor | None = None) -> T
     # the border rectangles of every image, and which of them each offset misses
     rectangles, missed = geometry.border((h, w))
     here = [image[:, :, rows, cols].reshape(channels, -1) for rows, cols in rectangles]
-    weights = x.new_tensor(missed)
     index = {o: i for i, o in enumerate(offsets)}
     k = len(offsets)
     d = channels * k
@@ -179,16 +177,23 @@ def shifted_gram(x: Tensor, geometry: Geometry, into: Tensor | None = None) -> T
             for i, o in enumerate(offsets)
             if (o[0] + dy, o[1] + dx) in index
         ]
-        blocks = whole.expand(len(pairs), channels, channels).clone()
-        if rectangles:
-            strips = torch.stack(
-                [
-                    part @ shifted[:, :, rows, cols].reshape(channels, -1).T
-                    for part, (rows, cols) in zip(here, rectangles, strict=True)
-                ]
-            )
-            first = [i for i, _ in pairs]
-            blocks -= torch.einsum("ig,gce->ice", weights[first], strips)
+        strips = [
+            part @ shifted[:, :, rows, cols].reshape(channels, -1).T
+            for part, (rows, cols) in zip(here, rectangles, strict=True)
+        ]
+        # one correction per set of rectangles missed (offsets share them), summed here:
+        # no index or weight tensors built from Python lists (host-to-device copies)
+        corrections: dict[tuple[bool, ...], Tensor] = {}
+        blocks = []
+        for i, _ in pairs:
+            key = tuple(missed[i]) if rectangles else ()
+            if not any(key):
+                blocks.append(whole)
+                continue
+            if key not in corrections:
+                chosen = [strip for strip, m in zip(strips, key, strict=True) if m]
+                corrections[key] = chosen[0] if len(chosen) == 1 else torch.stack(chosen).sum(0)
+            blocks.append(whole - corrections[key])
         for (i, j), block in zip(pairs, blocks, strict=True):
             if into is None:
                 out[:, i, :, j] = block
@@ -225,9 +230,11 @@ class ConvProduct:
     shifted: bool
     shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
-    @cached_property
+    @property
     def patched(self) -> Product:
-        """The same segment with its patches unfolded."""
+        """The same segment with its patches unfolded, afresh on every call: kept on the
+        segment, they would outlive the batch in a multi-pass fit's segment cache,
+        ``C·k²/C`` times larger than the images it budgets for."""
         inputs = join([patches(self.conv, x) for x in self.images], 1)
         return Product(inputs, self.grads, False, self.shared)
 
@@ -283,12 +290,16 @@ class ConvProduct:
         return into
 
     def kron(self, approx: KfacApprox) -> list[Tensor]:
-        """:meth:`Product.kron` (the weight's input factor is its own, never shared)."""
+        """:meth:`Product.kron` (the weight's input factor is its own, never shared; kept in
+        ``shared`` for the batch, as :class:`Product` keeps its factors)."""
         if approx is KfacApprox.REDUCE:
             return self.patched.kron(approx)
         first = Product(None, self.grads, False, self.shared).kron(approx)[0]
+        key = ("A", id(self.images[0]), "conv")
+        if key not in self.shared:
+            self.shared[key] = self._input_factor()
         count = self.grads.new_full((), float(self.batch * self.positions))
-        return [first, self._input_factor(), count]
+        return [first, self.shared[key], count]
 
     def kron_into(self, approx: KfacApprox, totals: list[Tensor]) -> bool:
         """Add :meth:`kron` to running totals ``[first, second, count]`` in place, forming
@@ -297,7 +308,11 @@ class ConvProduct:
         if approx is KfacApprox.REDUCE or second.ndim != 2 or second.dtype != self.grads.dtype:
             return False
         first.add_(Product(None, self.grads, False, self.shared).kron(approx)[0])
-        self._input_factor(second)
+        formed = self.shared.get(("A", id(self.images[0]), "conv"))  # by kron() this batch
+        if formed is None:
+            self._input_factor(second)
+        else:
+            second.add_(formed)
         count.add_(self.batch * self.positions)
         return True
 
