@@ -41,7 +41,10 @@ from laplacefim.options import KfacApprox
 # against 0.111 s, 512 at 4x4 (1.3x) 0.215 s against 0.128 s; below 32 channels or a few
 # milliseconds the patch Gram won. Inside a ResNet-18 fit the 256-channel layers still
 # gained (no patch copy of 38 MB per batch; MC-Fisher KFAC 18.9 / 16.8 / 15.9 s against
-# 22.3 / 19.4 / 25.4 s with them on the patches), hence the margin of 1.5.
+# 22.3 / 19.4 / 25.4 s with them on the patches), hence the margin of 1.5. In a later slow
+# spell of the same VM the shifted factor lost (64 channels at 32x32: 0.29-0.78 s against
+# 0.20-0.30 s): its products have C x C outputs over long sums and are bound by memory
+# bandwidth, the patch Gram by arithmetic. Re-measure these thresholds on quiet hardware.
 SHIFTED_GRAM_MARGIN = 1.5
 SHIFTED_GRAM_MIN_CHANNELS = 32
 SHIFTED_GRAM_MIN_COST = 1 << 31
