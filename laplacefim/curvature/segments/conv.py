@@ -28,6 +28,7 @@ from laplacefim.curvature.segments.product import (
     SYMMETRIC_GRAM_MIN,
     SYMMETRIC_GRAM_MIN_ENTRIES,
     Product,
+    ProductShape,
     _row_gram,
 )
 from laplacefim.options import KfacApprox
@@ -214,23 +215,24 @@ def patch_gram_cost(d: int, rows: int) -> float:
 
 
 @dataclass(frozen=True)
-class ConvProduct:
+class ConvProduct(ProductShape):
     """A convolution's weight as a :class:`Product` over its patches, unfolded only when
-    asked for; its Kronecker input factor comes from :func:`shifted_gram` where
-    ``shifted``, and is added to a running total in place by :meth:`kron_into`.
+    asked for; its Kronecker input factor comes from :func:`shifted_gram` where it has
+    ``geometries``, and is added to a running total in place by :meth:`kron_into`.
 
     Attributes:
         conv: The layer (its kernel, stride, padding and dilation).
         images: Its ``(B, C, H, W)`` input in each call of the forward.
         grads: ``(V, B, T, d_out)`` output gradients, the calls stacked as positions.
-        shifted: Whether the input factor comes from shifted products (stride 1 only).
+        geometries: Where each call reads its input, when the input factor comes from
+            shifted products (stride 1 only); None for the patch Gram.
         shared: Scratch space shared with the layer's bias (the output factor).
     """
 
     conv: nn.Conv2d = field(compare=False)
     images: tuple[Tensor, ...]
     grads: Tensor
-    shifted: bool
+    geometries: tuple[Geometry, ...] | None
     shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -242,9 +244,9 @@ class ConvProduct:
         return Product(inputs, self.grads, False, self.shared)
 
     @property
-    def d_out(self) -> int:
-        """Output channels."""
-        return self.grads.shape[-1]
+    def shifted(self) -> bool:
+        """Whether the input factor comes from shifted products."""
+        return self.geometries is not None
 
     @property
     def d_in(self) -> int:
@@ -252,45 +254,28 @@ class ConvProduct:
         kh, kw = self.conv.kernel_size
         return self.images[0].shape[1] * kh * kw
 
-    @property
-    def size(self) -> int:
-        """Number of parameters covered."""
-        return self.d_out * self.d_in
-
-    @property
-    def n_columns(self) -> int:
-        """``V``."""
-        return self.grads.shape[0]
-
-    @property
-    def batch(self) -> int:
-        """``B``."""
-        return self.grads.shape[1]
-
-    @property
-    def positions(self) -> int:
-        """``T`` (output pixels of every call)."""
-        return self.grads.shape[2]
-
     def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> ConvProduct:
         """Cast to ``dtype``."""
         images = tuple(cast(x, dtype, memo) for x in self.images)
         grads = cast(self.grads, dtype, memo)
-        return ConvProduct(self.conv, images, grads, self.shifted, self.shared)
+        return ConvProduct(self.conv, images, grads, self.geometries, self.shared)
 
     def _input_factor(self, into: Tensor | None = None) -> Tensor:
         """``A`` over the calls (added to ``into`` if given)."""
-        if not self.shifted:
+        if self.geometries is None:
             return _row_gram(self.patched.inputs, into)  # type: ignore[arg-type]
-        for x in self.images:
-            geometry = Geometry.of(self.conv, x)
-            assert geometry is not None  # checked when the route was chosen
-            if into is None:
-                into = shifted_gram(x, geometry)
-            else:
-                shifted_gram(x, geometry, into)
-        assert into is not None
+        pairs = zip(self.images, self.geometries, strict=True)
+        if into is None:
+            x, geometry = next(pairs)
+            into = shifted_gram(x, geometry)
+        for x, geometry in pairs:
+            shifted_gram(x, geometry, into)
         return into
+
+    @property
+    def _factor_key(self) -> tuple[object, ...]:
+        """Where :meth:`kron` keeps the batch's input factor in ``shared``."""
+        return ("A", id(self.images[0]), "conv")
 
     def kron(self, approx: KfacApprox) -> list[Tensor]:
         """:meth:`Product.kron` (the weight's input factor is its own, never shared; kept in
@@ -298,11 +283,10 @@ class ConvProduct:
         if approx is KfacApprox.REDUCE:
             return self.patched.kron(approx)
         first = Product(None, self.grads, False, self.shared).kron(approx)[0]
-        key = ("A", id(self.images[0]), "conv")
-        if key not in self.shared:
-            self.shared[key] = self._input_factor()
+        if self._factor_key not in self.shared:
+            self.shared[self._factor_key] = self._input_factor()
         count = self.grads.new_full((), float(self.batch * self.positions))
-        return [first, self.shared[key], count]
+        return [first, self.shared[self._factor_key], count]
 
     def kron_into(self, approx: KfacApprox, totals: list[Tensor]) -> bool:
         """Add :meth:`kron` to running totals ``[first, second, count]`` in place, forming
@@ -311,7 +295,7 @@ class ConvProduct:
         if approx is KfacApprox.REDUCE or second.ndim != 2 or second.dtype != self.grads.dtype:
             return False
         first.add_(Product(None, self.grads, False, self.shared).kron(approx)[0])
-        formed = self.shared.get(("A", id(self.images[0]), "conv"))  # by kron() this batch
+        formed = self.shared.get(self._factor_key)  # by kron() this batch
         if formed is None:
             self._input_factor(second)
         else:
@@ -381,4 +365,4 @@ def conv_product(
         )
         < patch_cost
     )
-    return ConvProduct(conv, tuple(images), grads, shifted, shared)
+    return ConvProduct(conv, tuple(images), grads, tuple(geometries) if shifted else None, shared)

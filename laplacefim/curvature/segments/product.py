@@ -25,36 +25,21 @@ SYMMETRIC_GRAM_MIN = 512
 SYMMETRIC_GRAM_MIN_ENTRIES = 1 << 21
 
 
-@dataclass(frozen=True)
-class Product:
-    """``u = Σ_t g_t a_tᵀ``: a ``(d_out, d_in)`` grid laid into a parameter slice.
+class ProductShape:
+    """The sizes of a ``(d_out, d_in)`` grid of weights shared over positions, read from
+    its ``(V, B, T, d_out)`` output gradients (``d_in`` is the subclass's)."""
 
-    Attributes:
-        inputs: ``(B, T, d_in)`` inputs at the ``T`` positions sharing the weight; None for a
-            bias (``a_t = 1``, ``d_in = 1``).
-        grads: ``(V, B, T, d_out)`` gradients of the columns w.r.t. the outputs.
-        transposed: The slice stores the grid as ``(d_in, d_out)`` row-major (a weight used
-            as ``x @ W``, such as HuggingFace's ``Conv1D``).
-        shared: Scratch space shared by the segments of one layer in one batch, keyed by
-            tensor: a weight and its bias have the same output factor ``G``, the query, key
-            and value projections of self-attention the same input factor ``A``; each is
-            formed once.
-    """
-
-    inputs: Tensor | None
     grads: Tensor
-    transposed: bool = False
-    shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def d_in(self) -> int:
+        """Input size."""
+        raise NotImplementedError
 
     @property
     def d_out(self) -> int:
         """Output size."""
         return self.grads.shape[-1]
-
-    @property
-    def d_in(self) -> int:
-        """Input size (1 for a bias)."""
-        return 1 if self.inputs is None else self.inputs.shape[-1]
 
     @property
     def size(self) -> int:
@@ -75,6 +60,33 @@ class Product:
     def positions(self) -> int:
         """``T``."""
         return self.grads.shape[2]
+
+
+@dataclass(frozen=True)
+class Product(ProductShape):
+    """``u = Σ_t g_t a_tᵀ``: a ``(d_out, d_in)`` grid laid into a parameter slice.
+
+    Attributes:
+        inputs: ``(B, T, d_in)`` inputs at the ``T`` positions sharing the weight; None for a
+            bias (``a_t = 1``, ``d_in = 1``).
+        grads: ``(V, B, T, d_out)`` gradients of the columns w.r.t. the outputs.
+        transposed: The slice stores the grid as ``(d_in, d_out)`` row-major (a weight used
+            as ``x @ W``, such as HuggingFace's ``Conv1D``).
+        shared: Scratch space shared by the segments of one layer in one batch, keyed by
+            tensor: a weight and its bias have the same output factor ``G``, the query, key
+            and value projections of self-attention the same input factor ``A``; each is
+            formed once.
+    """
+
+    inputs: Tensor | None
+    grads: Tensor
+    transposed: bool = False
+    shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def d_in(self) -> int:
+        """Input size (1 for a bias)."""
+        return 1 if self.inputs is None else self.inputs.shape[-1]
 
     def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> Product:
         """Cast to ``dtype``."""
