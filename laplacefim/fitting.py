@@ -119,7 +119,7 @@ class _Sums:
     loss_stats: Tensor
     n_data: int | Tensor
     input_shape: tuple[int, ...] | None
-    cache: list[SegmentMap] | None = None  # the first pass's segments, to replay
+    cache: list[tuple[SegmentMap, bool]] | None = None  # the first pass's segments, to replay
     cache_bytes: int = 0
 
 
@@ -157,19 +157,22 @@ def _first_pass(
                 del plan  # it holds this batch's segments
                 shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else None
                 zero = torch.zeros((), dtype=engine.dtype, device=device)
-                cache: list[SegmentMap] | None = None if config.structure.single_pass else []
+                cache: list[tuple[SegmentMap, bool]] | None = (
+                    None if config.structure.single_pass else []
+                )
                 sums = _Sums(engine, last, curvature, zero, 0, shape, cache)
             else:
                 rows = sums.engine.batch(x, y, generator)
         except (ValueError, TypeError) as error:
             raise type(error)(f"batch {index}: {error}") from error
-        sums.curvature.accumulate_(rows.segments)
-        _keep(sums, rows.segments, config.pass_cache_mb)
+        for segments, first in rows.parts():
+            sums.curvature.accumulate_(segments, inputs=first)
+            _keep(sums, segments, first, config.pass_cache_mb)
         loss_stats: Tensor = rows.loss_stats  # type: ignore[assignment]
         sums.loss_stats = loss_stats + sums.loss_stats if sums.n_data else loss_stats
         sums.n_data += rows.n_data
         flags.append(torch.stack([rows.bad_outputs, rows.bad_targets]))  # type: ignore[list-item]
-        del rows  # free this batch's inputs and gradients before the next forward pass
+        del rows, segments  # free this batch's inputs and gradients before the next forward
     if sums is None:
         raise ValueError(
             "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
@@ -179,15 +182,16 @@ def _first_pass(
     return sums
 
 
-def _keep(sums: _Sums, segments: SegmentMap, budget_mb: float) -> None:
-    """Keep a first-pass batch's segments for later passes while they fit the budget."""
+def _keep(sums: _Sums, segments: SegmentMap, first: bool, budget_mb: float) -> None:
+    """Keep a first-pass batch's segments (a part of its columns, ``first`` or not) for
+    later passes while they fit the budget."""
     if sums.cache is None:
         return
     sums.cache_bytes += footprint(segments)
     if sums.cache_bytes > budget_mb * 2**20:
         sums.cache = None  # too big: later passes run the model again
     else:
-        sums.cache.append(segments)
+        sums.cache.append((segments, first))
 
 
 def _next_pass(
@@ -197,16 +201,17 @@ def _next_pass(
     generator: torch.Generator | None,
 ) -> None:
     if sums.cache is not None:  # replay the first pass's inputs and output gradients
-        for segments in sums.cache:
-            sums.curvature.accumulate_(segments)
+        for segments, first in sums.cache:
+            sums.curvature.accumulate_(segments, inputs=first)
         return
     device = model_device(sums.engine.model)
     for index, batch in enumerate(bar):
         x, y = config.io.split(batch, index)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         rows = sums.engine.batch(x, y, generator)
-        sums.curvature.accumulate_(rows.segments)
-        del rows
+        for segments, first in rows.parts():
+            sums.curvature.accumulate_(segments, inputs=first)
+        del rows, segments
 
 
 def fit_curvature(

@@ -248,30 +248,31 @@ class NaturalGradient:
         Returns:
             False if the batch's statistics were not finite (they are then ignored).
         """
-        with eval_mode(self.model):
+        with eval_mode(self.model):  # later column parts are backpropagated in the loop below
             rows = self.engine.batch(x, y, generator)
-        if self.statistics is None:
-            plan = Plan(
-                tuple(
-                    zip(
-                        self.selection.names,
-                        (p.numel() for p in self.selection.params),
-                        strict=True,
-                    )
-                ),
-                rows.segments,
-                self.config.kind,
-                self.config.kfac_approx,
-                self.config.max_full_params,
-                self.engine.dtype,
-                model_device(self.model),
-            )
-            batch = BlockDiagonal(self.config.structure.build(plan))
-        elif self._scratch is None:
-            batch = self._scratch = self.statistics.zeros_like()
-        else:  # reused: a fresh copy of the layout per update costs more than the GEMMs
-            batch = self._scratch.zero_()
-        batch.accumulate_(rows.segments)
+            if self.statistics is None:
+                plan = Plan(
+                    tuple(
+                        zip(
+                            self.selection.names,
+                            (p.numel() for p in self.selection.params),
+                            strict=True,
+                        )
+                    ),
+                    rows.segments,
+                    self.config.kind,
+                    self.config.kfac_approx,
+                    self.config.max_full_params,
+                    self.engine.dtype,
+                    model_device(self.model),
+                )
+                batch = BlockDiagonal(self.config.structure.build(plan))
+            elif self._scratch is None:
+                batch = self._scratch = self.statistics.zeros_like()
+            else:  # reused: a fresh copy of the layout per update costs more than the GEMMs
+                batch = self._scratch.zero_()
+            for segments, first in rows.parts():
+                batch.accumulate_(segments, inputs=first)
         _, n_data = distributed.exchange_status(
             False, int(rows.n_data), batch.state()[0].device, self.group
         )

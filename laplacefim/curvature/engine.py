@@ -13,7 +13,8 @@ saw into segments (:mod:`laplacefim.curvature.segments`). Structures read the se
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,14 @@ from laplacefim.subsets import Selection
 
 # Exact-GGN columns per datum from which a fit that has to backpropagate them says so.
 MANY_COLUMNS = 100
+# Output gradients one backward pass may hold: more columns than fit are backpropagated in
+# parts, one backward pass after another over the retained graph. Every statistic except
+# the inputs' (a Kronecker input factor) is a sum over columns, so the parts add up; and a
+# part never holds every layer's (V, B, ...) gradients at once. On CPU a batched backward
+# through a convolution loops over the columns anyway and stacks them (PyTorch has no
+# batching rule for its backward there): a ResNet-18's exact-GGN KFAC fit took half the
+# time in one-column parts (benchmarks/README.md).
+PART_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -55,26 +64,40 @@ class Slot:
     uses: tuple[Use, ...]
 
 
+SegmentMap = dict[str, list[Segment]]
+
+
 @dataclass(frozen=True)
 class BatchRows:
     """What one batch gave: per-parameter segments and the likelihood's bookkeeping.
 
     Attributes:
         segments: Per chosen parameter (by name), its segments in flat order; a parameter
-            whose modules did not run in the batch is absent.
+            whose modules did not run in the batch is absent. They cover the first part
+            of the backpropagated columns (all of them unless ``later`` has more).
         outputs: Detached model outputs ``(B, C)``.
         loss_stats: The likelihood's summable loss statistic (None for Jacobian rows).
         n_data: Number of data in the batch (a 0-d tensor for token-level targets).
         bad_outputs: 0-d bool tensor, True if an output was NaN or infinite.
         bad_targets: 0-d bool tensor, True if a target value was out of range.
+        later: The segments of the other parts of the columns (see ``PART_BYTES``), each
+            backpropagated when the iterator reaches it; use :meth:`parts`.
     """
 
-    segments: dict[str, list[Segment]]
+    segments: SegmentMap
     outputs: Tensor
     loss_stats: Tensor | None = None
     n_data: int | Tensor = 0
     bad_outputs: Tensor | None = None
     bad_targets: Tensor | None = None
+    later: Iterator[SegmentMap] = field(default_factory=lambda: iter(()))
+
+    def parts(self) -> Iterator[tuple[SegmentMap, bool]]:
+        """Every part's segments, with whether it is the first: the batch's inputs are
+        counted with the first part only (``Block.statistics(..., inputs=False)``)."""
+        yield self.segments, True
+        for segments in self.later:
+            yield segments, False
 
 
 def _ancestors(name: str) -> list[str]:
@@ -190,6 +213,7 @@ class CurvatureEngine:
         f, f2, calls = self.forward(x, y.shape[0])
         targets = self.likelihood.targets(f2, y)
         segments = None
+        later: Iterator[SegmentMap] = iter(())
         if self._fast and self.kind is CurvatureKind.GGN and targets.weight is None:
             curvature = self.likelihood.output_curvature(f2, self.noise)
             if curvature is not None:
@@ -208,8 +232,8 @@ class CurvatureEngine:
                 cols = cols * targets.weight[None, ..., None]
             if self.kind is CurvatureKind.GGN and not self._warned:
                 self._warn_many_columns(calls, cols.shape[0])
-            self.backward(f, cols, calls)
-            segments = self.segments(calls)
+            later = self._parts(f, cols, calls)
+            segments = next(later)
         loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
         return BatchRows(
             segments,
@@ -218,7 +242,19 @@ class CurvatureEngine:
             targets.count,
             ~torch.isfinite(f2).all(),
             targets.invalid,
+            later,
         )
+
+    def _parts(self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]]) -> Iterator[SegmentMap]:
+        """The segments of the columns ``(V, ...)``, a part at a time (``PART_BYTES``)."""
+        n_columns = cols.shape[0]
+        outputs = [o for cs in calls.values() for c in cs for o in c.outputs]
+        per_column = sum(o.numel() * o.element_size() for o in outputs)
+        step = n_columns if self._fast else max(1, min(n_columns, PART_BYTES // max(per_column, 1)))
+        for start in range(0, n_columns, step):
+            end = min(start + step, n_columns)
+            self.backward(f, cols[start:end], calls, retain=end < n_columns)
+            yield self.segments(calls)
 
     def jacobian_rows(self, x: object, batch: int) -> BatchRows:
         """Segments of the Jacobian of the outputs: the columns are the unit vectors ``e_c``.
@@ -291,15 +327,19 @@ class CurvatureEngine:
         warnings.warn(
             f"the exact GGN backpropagates {n_columns} columns per datum (one per model "
             f"output): about {n_columns} backward passes' work per batch, and {gigabytes:.2f} "
-            "GB of output gradients for this batch. curvature='fisher' (the MC Fisher) "
+            f"GB of output gradients for this batch (formed {PART_BYTES / 1e6:.0f} MB at a "
+            "time). curvature='fisher' (the MC Fisher) "
             "backpropagates fisher_samples sampled columns instead (1 by default); "
             "subset='last_layer' needs no columns at all.",
             RuntimeWarning,
             stacklevel=4,
         )
 
-    def backward(self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]]) -> None:
-        """Fill each call's ``grads``: the columns' gradients w.r.t. its outputs."""
+    def backward(
+        self, f: Tensor, cols: Tensor, calls: dict[str, list[Call]], *, retain: bool = False
+    ) -> None:
+        """Fill each call's ``grads``: the columns' gradients w.r.t. its outputs (``retain``:
+        keep the graph for another part of the columns)."""
         n_columns = cols.shape[0]
         grad_outputs = cols.reshape(n_columns, *f.shape).to(f.dtype)
         if (
@@ -312,7 +352,7 @@ class CurvatureEngine:
         outputs = [o for cs in calls.values() for c in cs for o in c.outputs if o.requires_grad]
         found: list[Tensor | None] = []
         if outputs:
-            found = column_grads([f], outputs, [grad_outputs])
+            found = column_grads([f], outputs, [grad_outputs], retain_graph=retain)
         index = 0
         for cs in calls.values():
             for call in cs:
@@ -323,7 +363,7 @@ class CurvatureEngine:
                     zero = out.new_zeros(n_columns, *out.shape)
                     call.grads.append(zero if g is None else g.detach())
 
-    def segments(self, calls: dict[str, list[Call]]) -> dict[str, list[Segment]]:
+    def segments(self, calls: dict[str, list[Call]]) -> SegmentMap:
         """Each chosen parameter's segments, from the rules of the modules that ran."""
         by_module: dict[str, dict[str, list[Segment]]] = {}
         for name, module in self.modules.items():

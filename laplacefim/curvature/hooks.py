@@ -200,17 +200,35 @@ def run_recorded(
 
 
 def column_grads(
-    outputs: Sequence[Tensor], inputs: Sequence[Tensor], columns: Sequence[Tensor]
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    columns: Sequence[Tensor],
+    *,
+    retain_graph: bool = False,
 ) -> list[Tensor | None]:
-    """Gradients ``(V, *input.shape)`` of ``V`` cotangent columns ``(V, *output.shape)``.
+    """Gradients ``(V, *input.shape)`` of ``V`` cotangent columns ``(V, *output.shape)``
+    (``retain_graph``: keep the graph for more columns).
 
     One backward pass per column is cheaper than ``is_grads_batched`` (vmap) for ``V = 1``
     (the sampled Fisher and the empirical Fisher); more columns share one batched pass.
     ``None`` where an input does not affect the outputs.
     """
     if columns[0].shape[0] == 1:
-        found = torch.autograd.grad(outputs, inputs, [c[0] for c in columns], allow_unused=True)
+        found = torch.autograd.grad(
+            outputs,
+            inputs,
+            [c[0] for c in columns],
+            allow_unused=True,
+            retain_graph=retain_graph,
+        )
         return [None if g is None else g[None] for g in found]
     return list(
-        torch.autograd.grad(outputs, inputs, columns, is_grads_batched=True, allow_unused=True)
+        torch.autograd.grad(
+            outputs,
+            inputs,
+            columns,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain_graph,
+        )
     )

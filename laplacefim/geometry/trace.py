@@ -69,9 +69,10 @@ def ggn_diagonal(op: CurvatureOperator) -> Tensor:
         for x, y in op.batches():
             rows = engine.batch(x, y, None)
             flags.append(rows.bad_targets)
-            found = gather(rows.segments, names, sizes, lambda s: s.diag())
-            if found is not None:
-                total += found
+            for segments, _ in rows.parts():
+                found = gather(segments, names, sizes, lambda s: s.diag())
+                if found is not None:
+                    total += found
     if not flags:
         raise ValueError("the loader yielded no batch; the trace needs at least one.")
     if bool(torch.stack(flags).any()):  # type: ignore[arg-type]

@@ -119,8 +119,16 @@ class Block(Protocol):
         """Number of parameters covered."""
         ...
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
-        """One batch's contribution, laid out as :meth:`state`."""
+    def statistics(
+        self, segments: SegmentMap, *, inputs: bool = True
+    ) -> Sequence[Tensor | None]:
+        """One batch's contribution, laid out as :meth:`state`.
+
+        Most statistics are sums over the backpropagated columns, and a batch's columns
+        may come in parts (:class:`~laplacefim.curvature.engine.BatchRows`). With
+        ``inputs=False`` the segments are a later part, and a statistic that depends on
+        the inputs only (a Kronecker input factor, a row count) is None: the first part
+        counted it."""
         ...
 
     def covered(self, segments: SegmentMap) -> list[Segment] | None:
@@ -210,10 +218,12 @@ class StructureSpec(Protocol):
         ...
 
 
-def add_statistics(block: Block, segments: SegmentMap) -> None:
-    """Add a batch's :meth:`Block.statistics` to the block's state in place."""
-    for total, part in zip(block.state(), block.statistics(segments), strict=True):
-        total.add_(part.to(total.dtype))
+def add_statistics(block: Block, segments: SegmentMap, *, inputs: bool = True) -> None:
+    """Add a batch's :meth:`Block.statistics` to the block's state in place (None: none)."""
+    found = block.statistics(segments, inputs=inputs)
+    for total, part in zip(block.state(), found, strict=True):
+        if part is not None:
+            total.add_(part.to(total.dtype))
 
 
 def zeros_like(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -287,17 +297,18 @@ class BlockDiagonal:
         """The summable tensors of the blocks accumulating in the current pass."""
         return [tensor for block in self.blocks if block.active for tensor in block.state()]
 
-    def accumulate_(self, segments: SegmentMap) -> BlockDiagonal:
+    def accumulate_(self, segments: SegmentMap, *, inputs: bool = True) -> BlockDiagonal:
         """Add one batch's contribution to the active blocks' state, block by block (a
         block with ``accumulate_`` forms it in place), so that a batch never holds more
-        than one block's fresh statistics."""
+        than one block's fresh statistics; ``inputs=False`` for a later column part of
+        the batch (see :meth:`Block.statistics`)."""
         for block in self.blocks:
             if block.active:
                 own = getattr(block, "accumulate_", None)
                 if own is None:
-                    add_statistics(block, segments)
+                    add_statistics(block, segments, inputs=inputs)
                 else:
-                    own(segments)
+                    own(segments, inputs=inputs)
         return self
 
     def scale_(self, factor: float) -> BlockDiagonal:

@@ -34,7 +34,7 @@ class DiagBlock:
         """Number of parameters covered."""
         return self.diag.numel()
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> list[Tensor]:
         """``Σ_{v,b} u²`` of the batch."""
         found = gather(segments, self.names, self.sizes, lambda s: s.diag())
         return [torch.zeros_like(self.diag) if found is None else found]

@@ -9,6 +9,7 @@ block in Frobenius norm, so it is never further from it than KFAC is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +83,12 @@ class EKFACBlock:
         """Number of parameters covered."""
         return self.kron.numel if self.values is None else self.values.numel()
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
+    def statistics(
+        self, segments: SegmentMap, *, inputs: bool = True
+    ) -> Sequence[Tensor | None]:
         """First pass: the KFAC factors; second: squared coordinates in the basis."""
         if self.basis is None or self.values is None:
-            return self.kron.statistics(segments)
+            return self.kron.statistics(segments, inputs=inputs)
         segment = self.kron.segment(segments)
         if segment is None:
             return [torch.zeros_like(self.values)]

@@ -47,7 +47,7 @@ class DenseBlock:
         """Number of parameters covered."""
         return self.matrix.shape[0]
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> list[Tensor]:
         """``JᵀJ`` of the batch's per-sample gradients."""
         jac = gather(segments, self.names, self.sizes, lambda s: s.per_sample())
         if jac is None:
@@ -147,7 +147,7 @@ class LinearPairsBlock:
             return ones, weights
         return (torch.cat([inputs, ones], dim=1) if self.bias else inputs), weights
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> list[Tensor]:
         """``pairs[k] = Σₙ Mₙ[o_k, p_k] ãₙãₙᵀ``: one GEMM over the batch."""
         rows = self._rows(segments)
         if rows is None:

@@ -10,7 +10,7 @@ structure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,23 +72,26 @@ class KronBlock:
         segment = self.segment(segments)
         return None if segment is None else [segment]
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
-        """The batch's ``[first, second, count]``."""
+    def statistics(
+        self, segments: SegmentMap, *, inputs: bool = True
+    ) -> Sequence[Tensor | None]:
+        """The batch's ``[first, second, count]`` (the input factor and count None where
+        ``inputs`` is False)."""
         segment = self.segment(segments)
-        factors = None if segment is None else segment.kron(self.approx)
+        factors = None if segment is None else segment.kron(self.approx, inputs=inputs)
         return zeros_like(self.state()) if factors is None else factors
 
     def state(self) -> list[Tensor]:
         """``[first, second, count]``."""
         return [self.first, self.second, self.count]
 
-    def accumulate_(self, segments: SegmentMap) -> None:
+    def accumulate_(self, segments: SegmentMap, *, inputs: bool = True) -> None:
         """Add the batch's factors to the state, in place where the segment can form them
         there (a convolution's input factor: no fresh factor per batch)."""
         segment = self.segment(segments)
         into = getattr(segment, "kron_into", None)
-        if into is None or not into(self.approx, self.state()):
-            add_statistics(self, segments)
+        if into is None or not into(self.approx, self.state(), inputs=inputs):
+            add_statistics(self, segments, inputs=inputs)
 
     def end_pass(self) -> None:
         """One pass suffices."""

@@ -94,7 +94,7 @@ class LowRankBlock:
         found = gather(segments, self.names, self.sizes, lambda s: s.combine(coefficients))
         return torch.zeros_like(self.product) if found is None else found
 
-    def statistics(self, segments: SegmentMap) -> list[Tensor]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> list[Tensor]:
         """First pass: the exact diagonal and ``F X₀``; later passes: ``F X``."""
         product = self._product(segments)
         if not self.first_pass:

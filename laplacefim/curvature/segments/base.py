@@ -78,9 +78,13 @@ class Segment(Protocol):
         """``Σ_{v,b} u²``, ``(size,)``."""
         ...
 
-    def kron(self, approx: KfacApprox) -> list[Tensor] | None:
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None] | None:
         """``[first, second, count]`` of a Kronecker block ``(first ⊗ second)/count`` in the
-        slice's flat order, or None where no Kronecker factorisation exists."""
+        slice's flat order, or None where no Kronecker factorisation exists.
+
+        With ``inputs=False`` the input-side factor and the count are None: the segment is
+        a later column part of a batch whose first part counted them (see
+        :class:`~laplacefim.curvature.engine.BatchRows`)."""
         ...
 
     def rotated(

@@ -277,24 +277,33 @@ class ConvProduct(ProductShape):
         """Where :meth:`kron` keeps the batch's input factor in ``shared``."""
         return ("A", id(self.images[0]), "conv")
 
-    def kron(self, approx: KfacApprox) -> list[Tensor]:
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None]:
         """:meth:`Product.kron` (the weight's input factor is its own, never shared; kept in
         ``shared`` for the batch, as :class:`Product` keeps its factors)."""
+        first = self._output_factor(approx)
+        if not inputs:
+            return [first, None, None]
         if approx is KfacApprox.REDUCE:
             return self.patched.kron(approx)
-        first = Product(None, self.grads, False, self.shared).kron(approx)[0]
         if self._factor_key not in self.shared:
             self.shared[self._factor_key] = self._input_factor()
         count = self.grads.new_full((), float(self.batch * self.positions))
         return [first, self.shared[self._factor_key], count]
 
-    def kron_into(self, approx: KfacApprox, totals: list[Tensor]) -> bool:
+    def _output_factor(self, approx: KfacApprox) -> Tensor:
+        """``G``, shared with the layer's bias."""
+        return Product(None, self.grads, False, self.shared).kron(approx)[0]  # type: ignore[return-value]
+
+    def kron_into(self, approx: KfacApprox, totals: list[Tensor], *, inputs: bool = True) -> bool:
         """Add :meth:`kron` to running totals ``[first, second, count]`` in place, forming
         no fresh input factor; False (nothing added) where it cannot."""
         first, second, count = totals
+        if not inputs:
+            first.add_(self._output_factor(approx))
+            return True
         if approx is KfacApprox.REDUCE or second.ndim != 2 or second.dtype != self.grads.dtype:
             return False
-        first.add_(Product(None, self.grads, False, self.shared).kron(approx)[0])
+        first.add_(self._output_factor(approx))
         formed = self.shared.get(self._factor_key)  # by kron() this batch
         if formed is None:
             self._input_factor(second)

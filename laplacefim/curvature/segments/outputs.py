@@ -109,17 +109,21 @@ class CurvatureProduct:
         """``diag(M_b)ᵀ a²``: ``B·C·d``."""
         return flat_grid(self.curvature.diagonals().T @ self._a().square(), self.transposed)
 
-    def kron(self, approx: KfacApprox) -> list[Tensor]:
-        """``G = Σ_b M_b`` (``B·C²``), ``A = Σ_b a aᵀ``, count ``B``."""
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None]:
+        """``G = Σ_b M_b`` (``B·C²``), ``A = Σ_b a aᵀ``, count ``B`` (``A`` and the count
+        None where ``inputs`` is False)."""
         g_key = ("G", id(self.curvature))
         if g_key not in self.shared:
             self.shared[g_key] = self.curvature.total()
-        a_key = ("A", id(self.inputs))
-        if self.inputs is None or a_key not in self.shared:
-            a = self._a()
-            self.shared[a_key] = a.T @ a
-        count = self.grads.new_full((), float(self.batch))
-        first, second = self.shared[g_key], self.shared[a_key]
+        first: Tensor | None = self.shared[g_key]
+        second = count = None
+        if inputs:
+            a_key = ("A", id(self.inputs))
+            if self.inputs is None or a_key not in self.shared:
+                a = self._a()
+                self.shared[a_key] = a.T @ a
+            second = self.shared[a_key]
+            count = self.grads.new_full((), float(self.batch))
         return [second, first, count] if self.transposed else [first, second, count]
 
     def rotated(
@@ -224,12 +228,15 @@ class SharedProduct:
         grid = torch.outer(self.columns.square().sum(0), self._a().square().sum(0))
         return self._flat(grid)
 
-    def kron(self, approx: KfacApprox) -> list[Tensor]:
-        """``G = B·CᵀC``, ``A = Σ_b a aᵀ``, count ``B``."""
-        a = self._a()
-        first = self.batch * (self.columns.T @ self.columns)
-        second = a.T @ a
-        count = self.columns.new_full((), float(self.batch))
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None]:
+        """``G = B·CᵀC``, ``A = Σ_b a aᵀ``, count ``B`` (``A`` and the count None where
+        ``inputs`` is False)."""
+        first: Tensor | None = self.batch * (self.columns.T @ self.columns)
+        second = count = None
+        if inputs:
+            a = self._a()
+            second = a.T @ a
+            count = self.columns.new_full((), float(self.batch))
         return [second, first, count] if self.transposed else [first, second, count]
 
     def rotated(

@@ -141,8 +141,9 @@ class Product(ProductShape):
             torch.bmm(left[start : start + step], a[start : start + step], out=part)
             yield part
 
-    def kron(self, approx: KfacApprox) -> list[Tensor]:
-        """Factors ``G = Σ g gᵀ`` and ``A = Σ a aᵀ`` over rows, and the row count.
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None]:
+        """Factors ``G = Σ g gᵀ`` and ``A = Σ a aᵀ`` over rows, and the row count (``A``
+        and the count None where ``inputs`` is False).
 
         ``expand`` counts every (datum, position) as a row; ``reduce`` sums the output
         gradients and averages the inputs over the positions of each datum first.
@@ -152,13 +153,16 @@ class Product(ProductShape):
         if g_key not in self.shared:
             g = self.grads.sum(2, keepdim=True) if reduce else self.grads
             self.shared[g_key] = _row_gram(g)
-        a_key = ("A", id(self.inputs), reduce)
-        if self.inputs is None or a_key not in self.shared:
-            a = self._a().mean(1, keepdim=True) if reduce else self._a()
-            self.shared[a_key] = _row_gram(a)
-        rows = self.batch * (1 if reduce else self.positions)
-        count = self.grads.new_full((), float(rows))  # a fill kernel, no host copy
-        first, second = self.shared[g_key], self.shared[a_key]
+        first: Tensor | None = self.shared[g_key]
+        second = count = None
+        if inputs:
+            a_key = ("A", id(self.inputs), reduce)
+            if self.inputs is None or a_key not in self.shared:
+                a = self._a().mean(1, keepdim=True) if reduce else self._a()
+                self.shared[a_key] = _row_gram(a)
+            second = self.shared[a_key]
+            rows = self.batch * (1 if reduce else self.positions)
+            count = self.grads.new_full((), float(rows))  # a fill kernel, no host copy
         return [second, first, count] if self.transposed else [first, second, count]
 
     def rotated(

@@ -48,7 +48,7 @@ class Samples:
         """``Σ_{v,b} u²``."""
         return self.grads.square().sum((0, 1))
 
-    def kron(self, approx: KfacApprox) -> list[Tensor] | None:
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None] | None:
         """None: per-sample gradients have no Kronecker factorisation."""
         return None
 

@@ -73,13 +73,16 @@ class Tokens:
         out = sums.new_zeros(self.num, self.dim)
         return out.index_add_(0, token, sums.square().sum(0)).reshape(-1)
 
-    def kron(self, approx: KfacApprox) -> list[Tensor]:
-        """``[diag(token counts), Σ g gᵀ, count]`` (one row per looked-up token)."""
+    def kron(self, approx: KfacApprox, *, inputs: bool = True) -> list[Tensor | None]:
+        """``[diag(token counts), Σ g gᵀ, count]`` (one row per looked-up token; the counts
+        None where ``inputs`` is False)."""
+        flat = self.grads.reshape(-1, self.dim)
+        if not inputs:
+            return [None, flat.T @ flat, None]
         tokens = self.tokens.reshape(-1)
         counts = torch.bincount(tokens, minlength=self.num).to(self.grads.dtype)
         if self.padding_idx is not None:
             counts[self.padding_idx] = 0
-        flat = self.grads.reshape(-1, self.dim)
         return [counts, flat.T @ flat, flat.new_full((), float(tokens.numel()))]
 
     def rotated(
