@@ -18,6 +18,7 @@ from torch import nn
 from laplacefim import Laplace
 from laplacefim.curvature.segments import Product
 from laplacefim.curvature.segments import conv as conv_segments
+from laplacefim.curvature.segments import base as segments_base
 from laplacefim.curvature.segments.conv import ConvProduct, Geometry, conv_product, shifted_gram
 from laplacefim.options import KfacApprox
 
@@ -42,10 +43,12 @@ def unfolded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def force_shifted_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Take the shifted route on every convolution it can describe, however small."""
+    """Take the shifted routes (input factor and diagonal) on every convolution they can
+    describe, however small."""
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MARGIN", 0.0)
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_CHANNELS", 0)
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_COST", 0)
+    monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_POSITIONS", 0)
 
 
 @pytest.mark.parametrize("options", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
@@ -60,6 +63,33 @@ def test_shifted_gram_equals_the_patch_gram(options: dict, size: tuple[int, int]
     assert geometry is not None
     got = shifted_gram(x, geometry)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 40])
+@pytest.mark.parametrize("n_columns", [1, 3])
+@pytest.mark.parametrize("options", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+@pytest.mark.parametrize("size", [(9, 8), (3, 9)])
+def test_shifted_diagonal_equals_the_patch_diagonal(
+    monkeypatch: pytest.MonkeyPatch, options: dict, size: tuple[int, int], n_columns: int, chunk
+) -> None:
+    """``Σ_{v,b} u²`` from shifted per-sample products equals the squares of the per-sample
+    gradients multiplied out from ``F.unfold`` patches (in chunks of data or not)."""
+    monkeypatch.setattr(segments_base, "CHUNK_ELEMENTS", chunk)
+    g = generator(2)
+    conv = nn.Conv2d(3, 4, **options, dtype=torch.float64)
+    x = torch.randn(5, 3, *size, generator=g, dtype=torch.float64)
+    out = conv(x)
+    positions = out.shape[2] * out.shape[3]
+    # output gradients laid out as the engine hands them: a transposed (V, B, d_out, T)
+    grads = torch.randn(n_columns, 5, 4, positions, generator=g, dtype=torch.float64)
+    grads = grads.transpose(-1, -2)
+    patches = unfolded(conv, x)
+    per_sample = torch.einsum("vbto,bti->vboi", grads, patches)  # (V, B, d_out, d)
+    expected = per_sample.square().sum((0, 1)).reshape(-1)
+    segment = conv_product(conv, [x], grads, {})
+    assert isinstance(segment, ConvProduct) and segment.geometries is not None
+    monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_POSITIONS", 0)
+    torch.testing.assert_close(segment.diag(), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shifted", [True, False])
