@@ -17,8 +17,8 @@ from torch import nn
 
 from laplacefim import Laplace
 from laplacefim.curvature.segments import Product
-from laplacefim.curvature.segments import conv as conv_segments
 from laplacefim.curvature.segments import base as segments_base
+from laplacefim.curvature.segments import conv as conv_segments
 from laplacefim.curvature.segments.conv import ConvProduct, Geometry, conv_product, shifted_gram
 from laplacefim.options import KfacApprox
 
