@@ -104,9 +104,7 @@ def test_parts_equal_the_reference(parts: list[int], structure: str, problem: st
     names = ref.trainable_names(model)
     n_classes = 4 if problem == "conv" else 3
     if kind == "ggn":
-        expected = ref.reference_curvature(
-            model, names, x, y, "classification", structure, "ggn"
-        )
+        expected = ref.reference_curvature(model, names, x, y, "classification", structure, "ggn")
         got = fitted(model, x, y, structure, kind)
     else:  # three sampled labels per datum: three columns, drawn once per batch
         with pytest.MonkeyPatch.context() as one_part:
@@ -168,9 +166,7 @@ def test_natural_gradient_statistics_in_parts(parts: list[int]):
     steps = []
     for budget in (1 << 40, 1):
         engine_module.PART_BYTES = budget
-        ngd = NaturalGradient(
-            model, "classification", n_data=7, curvature="ggn", structure="kron"
-        )
+        ngd = NaturalGradient(model, "classification", n_data=7, curvature="ggn", structure="kron")
         ngd.update_statistics(x, y)
         steps.append([t.clone() for t in ngd.statistics.state()])
     for got, expected in zip(steps[1], steps[0], strict=True):

@@ -119,9 +119,7 @@ class Block(Protocol):
         """Number of parameters covered."""
         ...
 
-    def statistics(
-        self, segments: SegmentMap, *, inputs: bool = True
-    ) -> Sequence[Tensor | None]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> Sequence[Tensor | None]:
         """One batch's contribution, laid out as :meth:`state`.
 
         Most statistics are sums over the backpropagated columns, and a batch's columns

@@ -83,9 +83,7 @@ class EKFACBlock:
         """Number of parameters covered."""
         return self.kron.numel if self.values is None else self.values.numel()
 
-    def statistics(
-        self, segments: SegmentMap, *, inputs: bool = True
-    ) -> Sequence[Tensor | None]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> Sequence[Tensor | None]:
         """First pass: the KFAC factors; second: squared coordinates in the basis."""
         if self.basis is None or self.values is None:
             return self.kron.statistics(segments, inputs=inputs)

@@ -72,9 +72,7 @@ class KronBlock:
         segment = self.segment(segments)
         return None if segment is None else [segment]
 
-    def statistics(
-        self, segments: SegmentMap, *, inputs: bool = True
-    ) -> Sequence[Tensor | None]:
+    def statistics(self, segments: SegmentMap, *, inputs: bool = True) -> Sequence[Tensor | None]:
         """The batch's ``[first, second, count]`` (the input factor and count None where
         ``inputs`` is False)."""
         segment = self.segment(segments)
