@@ -163,61 +163,86 @@ def shifted_gram(x: Tensor, geometry: Geometry, into: Tensor | None = None) -> T
     (added to ``into`` in place if given).
 
     The image sits at the top left of a zero frame ``(H + kh_span − 1, W + kw_span − 1)``
-    laid out flat per channel, with zeros after the last image: shifting the flat index by
-    ``δ_y·width + δ_x`` then pairs each pixel with its neighbour at ``δ`` or with a zero,
-    never with a pixel across a row or image border, so every ``M_δ`` is one matrix product
-    of two strided views, without copies.
+    laid out flat, pixel after pixel (channels last), with zeros after the last image:
+    shifting the flat index by ``δ_y·width + δ_x`` then pairs each pixel with its neighbour
+    at ``δ`` or with a zero, never with a pixel across a row or image border, so every
+    ``M_δ`` is one matrix product of two strided views, without copies. The border pixels
+    some offsets miss are gathered once; per shift, their partners are one row gather and
+    the rectangles' products one batched product per rectangle size.
     """
     batch, channels, h, w = x.shape
     height, width = geometry.frame((h, w))
-    frame = height * width
+    n = batch * height * width
     offsets = geometry.offsets()
     longest = offsets[-1][0] * width + offsets[-1][1]
-    flat = x.new_zeros(channels, batch * frame + longest)
-    image = flat[:, : batch * frame].view(channels, batch, height, width)
-    image[:, :, :h, :w] = x.transpose(0, 1)
-    # the border rectangles of every image, and which of them each offset misses
-    rectangles, missed = geometry.border((h, w))
-    here = [image[:, :, rows, cols].reshape(channels, -1) for rows, cols in rectangles]
+    flat = x.new_zeros(n + longest, channels)
+    flat[:n].view(batch, height, width, channels)[:, :h, :w] = x.permute(0, 2, 3, 1)
+    border = _Border.of(geometry, (h, w), (batch, height, width), flat)
     index = {o: i for i, o in enumerate(offsets)}
     k = len(offsets)
-    d = channels * k
-    total = x.new_empty(d, d) if into is None else into
-    out = total.view(channels, k, channels, k)  # rows and columns (channel, offset)
+    blocks = x.new_empty(k, k, channels, channels)  # (offset, offset, channel, channel)
     for dy, dx in geometry.shifts():
         step = dy * width + dx
-        whole = flat[:, : batch * frame] @ flat[:, step : step + batch * frame].T
-        shifted = flat.as_strided(image.shape, image.stride(), image.storage_offset() + step)
-        pairs = [
-            (i, index[(o[0] + dy, o[1] + dx)])
-            for i, o in enumerate(offsets)
-            if (o[0] + dy, o[1] + dx) in index
-        ]
-        strips = [
-            part @ shifted[:, :, rows, cols].reshape(channels, -1).T
-            for part, (rows, cols) in zip(here, rectangles, strict=True)
-        ]
-        # one correction per set of rectangles missed (offsets share them), summed here:
-        # no index or weight tensors built from Python lists (host-to-device copies)
-        corrections: dict[tuple[bool, ...], Tensor] = {}
-        blocks = []
-        for i, _ in pairs:
-            key = tuple(missed[i]) if rectangles else ()
-            if not any(key):
-                blocks.append(whole)
+        whole = flat[:n].T @ flat[step : step + n]
+        corrections = None if border is None else border.corrections(flat, step)
+        for i, o in enumerate(offsets):
+            j = index.get((o[0] + dy, o[1] + dx))
+            if j is None:
                 continue
-            if key not in corrections:
-                chosen = [strip for strip, m in zip(strips, key, strict=True) if m]
-                corrections[key] = chosen[0] if len(chosen) == 1 else torch.stack(chosen).sum(0)
-            blocks.append(whole - corrections[key])
-        for (i, j), block in zip(pairs, blocks, strict=True):
-            if into is None:
-                out[:, i, :, j] = block
+            if corrections is None:
+                blocks[i, j] = whole
             else:
-                out[:, i, :, j] += block
+                torch.sub(whole, corrections[i], out=blocks[i, j])
             if i != j:
-                out[:, j, :, i] = out[:, i, :, j].T
-    return total
+                blocks[j, i] = blocks[i, j].T
+    laid = blocks.permute(2, 0, 3, 1)  # rows and columns (channel, offset): patch order
+    if into is None:
+        return laid.reshape(channels * k, channels * k)
+    into.view(channels, k, channels, k).add_(laid)
+    return into
+
+
+@dataclass
+class _Border:
+    """The border rectangles of :meth:`Geometry.border` over a batch laid out flat, grouped
+    by size: the pixels' flat positions, their values, and which offsets miss each one."""
+
+    positions: list[Tensor]  # per group (R_g, n_g) flat positions
+    values: list[Tensor]  # per group (R_g, n_g, C)
+    missed: Tensor  # (k, R) 0/1, rectangles in group order
+
+    @classmethod
+    def of(
+        cls,
+        geometry: Geometry,
+        size: tuple[int, int],
+        frame: tuple[int, int, int],
+        flat: Tensor,
+    ) -> _Border | None:
+        """None where no offset misses a pixel."""
+        rectangles, missed = geometry.border(size)
+        if not rectangles:
+            return None
+        grid = torch.arange(frame[0] * frame[1] * frame[2], device=flat.device).view(frame)
+        found = [grid[:, rows, cols].reshape(-1) for rows, cols in rectangles]
+        groups: dict[int, list[int]] = {}
+        for r, pixels in enumerate(found):
+            groups.setdefault(pixels.numel(), []).append(r)
+        order = [r for members in groups.values() for r in members]
+        positions = [torch.stack([found[r] for r in members]) for members in groups.values()]
+        values = [flat[p] for p in positions]
+        rows = [[float(m[r]) for r in order] for m in missed]
+        return cls(positions, values, torch.tensor(rows, dtype=flat.dtype, device=flat.device))
+
+    def corrections(self, flat: Tensor, step: int) -> Tensor:
+        """Per offset, ``Σ x_u x_{u+step}ᵀ`` over the border pixels it misses: ``(k, C, C)``."""
+        channels = flat.shape[1]
+        strips = [
+            torch.bmm(here.transpose(1, 2), flat[positions + step])
+            for here, positions in zip(self.values, self.positions, strict=True)
+        ]
+        products = torch.cat(strips).reshape(len(self.missed[0]), -1)
+        return (self.missed @ products).view(-1, channels, channels)
 
 
 def shifted_diagonal(
