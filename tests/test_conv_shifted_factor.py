@@ -49,6 +49,7 @@ def force_shifted_route(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_CHANNELS", 0)
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_COST", 0)
     monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_POSITIONS", 0)
+    monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_CHANNELS", 0)
 
 
 @pytest.mark.parametrize("options", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
@@ -89,6 +90,7 @@ def test_shifted_diagonal_equals_the_patch_diagonal(
     segment = conv_product(conv, [x], grads, {})
     assert isinstance(segment, ConvProduct) and segment.geometries is not None
     monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_POSITIONS", 0)
+    monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_CHANNELS", 0)
     torch.testing.assert_close(segment.diag(), expected, rtol=1e-12, atol=1e-12)
 
 

@@ -59,8 +59,12 @@ SHIFTED_GRAM_MIN_COST = 1 << 31
 # patches. Measured on 2 CPU cores, a 3x3 layer's diagonal over 64 inputs, one column:
 # 64 channels at 32x32 0.079-0.099 s against 0.103-0.111 s through the patches, 128 at
 # 16x16 0.073-0.083 s against 0.086-0.104 s, 256 at 8x8 0.072-0.082 s against
-# 0.105-0.119 s, 512 at 4x4 (16 positions) 0.37 s against 0.15-0.18 s.
+# 0.105-0.119 s, 512 at 4x4 (16 positions) 0.37 s against 0.15-0.18 s. On few input
+# channels the per-offset products are too thin: W2's 1- and 16-channel 8x8 layers made
+# its exact-GGN diagonal fit slower (1.67 / 1.55 / 1.21 s through the patches against
+# 2.06 / 1.66 / 2.08 s shifted), hence at least 32 input channels.
 SHIFTED_DIAGONAL_MIN_POSITIONS = 64
+SHIFTED_DIAGONAL_MIN_CHANNELS = 32
 
 
 def patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -409,10 +413,13 @@ class ConvProduct(ProductShape):
 
     def diag(self) -> Tensor:
         """Exact diagonal: from shifted per-sample products where every call has at least
-        ``SHIFTED_DIAGONAL_MIN_POSITIONS`` output positions, else through the patches."""
+        ``SHIFTED_DIAGONAL_MIN_POSITIONS`` output positions and the input at least
+        ``SHIFTED_DIAGONAL_MIN_CHANNELS`` channels, else through the patches."""
         geometries = self.geometries
-        if geometries is None or min(g.positions for g in geometries) < (
-            SHIFTED_DIAGONAL_MIN_POSITIONS
+        if (
+            geometries is None
+            or self.images[0].shape[1] < SHIFTED_DIAGONAL_MIN_CHANNELS
+            or min(g.positions for g in geometries) < SHIFTED_DIAGONAL_MIN_POSITIONS
         ):
             return self.patched.diag()
         padding = tuple(self.conv._reversed_padding_repeated_twice)
