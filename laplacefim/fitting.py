@@ -8,10 +8,11 @@ rank raises on all.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -121,6 +122,7 @@ class _Sums:
     input_shape: tuple[int, ...] | None
     cache: list[tuple[SegmentMap, bool]] | None = None  # the first pass's segments, to replay
     cache_bytes: int = 0
+    cache_counted: set[int] = field(default_factory=set)  # ids of this batch's kept tensors
 
 
 def _first_pass(
@@ -163,16 +165,14 @@ def _first_pass(
                 sums = _Sums(engine, last, curvature, zero, 0, shape, cache)
             else:
                 rows = sums.engine.batch(x, y, generator)
-        except (ValueError, TypeError) as error:
+            rows.each_part(functools.partial(_add, sums, config.pass_cache_mb))
+        except (ValueError, TypeError) as error:  # a later part's rules run in each_part
             raise type(error)(f"batch {index}: {error}") from error
-        for segments, first in rows.parts():
-            sums.curvature.accumulate_(segments, inputs=first)
-            _keep(sums, segments, first, config.pass_cache_mb)
         loss_stats: Tensor = rows.loss_stats  # type: ignore[assignment]
         sums.loss_stats = loss_stats + sums.loss_stats if sums.n_data else loss_stats
         sums.n_data += rows.n_data
         flags.append(torch.stack([rows.bad_outputs, rows.bad_targets]))  # type: ignore[list-item]
-        del rows, segments  # free this batch's inputs and gradients before the next forward
+        del rows  # free this batch's inputs and gradients before the next forward pass
     if sums is None:
         raise ValueError(
             "the loader yielded no batch; fit needs at least one (inputs, targets) batch."
@@ -182,12 +182,15 @@ def _first_pass(
     return sums
 
 
-def _keep(sums: _Sums, segments: SegmentMap, first: bool, budget_mb: float) -> None:
-    """Keep a first-pass batch's segments (a part of its columns, ``first`` or not) for
-    later passes while they fit the budget."""
+def _add(sums: _Sums, budget_mb: float, segments: SegmentMap, first: bool) -> None:
+    """Add a part of a first-pass batch's columns to the sums, and keep it for later passes
+    while the kept parts fit the budget (tensors shared by a batch's parts counted once)."""
+    sums.curvature.accumulate_(segments, inputs=first)
     if sums.cache is None:
         return
-    sums.cache_bytes += footprint(segments)
+    if first:
+        sums.cache_counted = set()
+    sums.cache_bytes += footprint(segments, sums.cache_counted)
     if sums.cache_bytes > budget_mb * 2**20:
         sums.cache = None  # too big: later passes run the model again
     else:
@@ -209,9 +212,8 @@ def _next_pass(
         x, y = config.io.split(batch, index)
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         rows = sums.engine.batch(x, y, generator)
-        for segments, first in rows.parts():
-            sums.curvature.accumulate_(segments, inputs=first)
-        del rows, segments
+        rows.each_part(lambda segments, first: sums.curvature.accumulate_(segments, inputs=first))
+        del rows
 
 
 def fit_curvature(

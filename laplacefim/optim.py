@@ -271,8 +271,7 @@ class NaturalGradient:
                 batch = self._scratch = self.statistics.zeros_like()
             else:  # reused: a fresh copy of the layout per update costs more than the GEMMs
                 batch = self._scratch.zero_()
-            for segments, first in rows.parts():
-                batch.accumulate_(segments, inputs=first)
+            rows.each_part(lambda segments, first: batch.accumulate_(segments, inputs=first))
         _, n_data = distributed.exchange_status(
             False, int(rows.n_data), batch.state()[0].device, self.group
         )

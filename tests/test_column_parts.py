@@ -9,6 +9,8 @@ dense float64 brute force of ``reference.py``, and the same fit in one part.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import reference as ref
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from laplacefim import Laplace, NaturalGradient
 from laplacefim.curvature import engine as engine_module
 from laplacefim.curvature.segments import conv as conv_segments
+from laplacefim.structures import BlockDiagonal
 
 RTOL = 1e-10
 
@@ -70,7 +73,32 @@ def token_problem(seed: int = 6):
     return model, x, y
 
 
+class SequenceNet(nn.Module):
+    """Self-attention (its rule replays the layer per part) and an LSTM over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, dtype=ref.DTYPE)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True, dtype=ref.DTYPE)
+        self.rnn = nn.LSTM(4, 3, batch_first=True, dtype=ref.DTYPE)
+        self.head = nn.Linear(3, 3, dtype=ref.DTYPE)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.rnn(h)[0][:, -1])
+
+
+def sequence_problem(seed: int = 7):
+    g = generator(seed)
+    model = ref.init_(SequenceNet(), g, 0.7)
+    x = torch.randint(0, 7, (7, 4), generator=g)
+    y = torch.randint(0, 3, (7,), generator=g)
+    return model, x, y
+
+
 PROBLEMS = {"conv": conv_problem, "tokens": token_problem}
+ONE_PART_PROBLEMS = {**PROBLEMS, "sequence": sequence_problem}
 
 
 @pytest.fixture
@@ -120,14 +148,15 @@ def test_parts_equal_the_reference(parts: list[int], structure: str, problem: st
 
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("structure", list(STRUCTURE_CASES))
-@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("problem", list(ONE_PART_PROBLEMS))
 def test_parts_equal_one_part(parts: list[int], problem: str, structure: str, kfac_approx: str):
-    """Every structure (the multi-pass ones replay cached parts), both KFAC flavours."""
-    model, x, y = PROBLEMS[problem]()
+    """Every structure (the multi-pass ones replay cached parts), both KFAC flavours;
+    attention and recurrent rules, which replay their layer for every part."""
+    model, x, y = ONE_PART_PROBLEMS[problem]()
     with pytest.MonkeyPatch.context() as one_part:
         one_part.setattr(engine_module, "PART_BYTES", 1 << 40)
         expected = fitted(model, x, y, STRUCTURE_CASES[structure], "ggn", kfac_approx=kfac_approx)
-    assert set(parts) == {3 if problem == "tokens" else 4}
+    assert set(parts) == {4 if problem == "conv" else 3}
     parts.clear()
     got = fitted(model, x, y, STRUCTURE_CASES[structure], "ggn", kfac_approx=kfac_approx)
     assert set(parts) == {1}
@@ -150,15 +179,24 @@ def test_multi_pass_fit_without_its_cache_runs_the_parts_again(parts: list[int])
 
 
 def test_shifted_convolution_factor_in_parts(parts: list[int], monkeypatch: pytest.MonkeyPatch):
-    """The in-place input factor (``ConvProduct.kron_into``) is added once per batch."""
+    """The in-place input factor (``ConvProduct.kron_into``) is added once per batch; the
+    shifted diagonal sums every part."""
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MIN_COST", 0)
     monkeypatch.setattr(conv_segments, "SHIFTED_GRAM_MARGIN", 0.0)
+    monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_POSITIONS", 0)
+    monkeypatch.setattr(conv_segments, "SHIFTED_DIAGONAL_MIN_CHANNELS", 0)
+    shifted = []
+    diagonal = conv_segments.shifted_diagonal
+    monkeypatch.setattr(
+        conv_segments, "shifted_diagonal", lambda *a: shifted.append(1) or diagonal(*a)
+    )
     model, x, y = conv_problem(8)
     names = ref.trainable_names(model)
     for structure in ("kron", "diag"):
         expected = ref.reference_curvature(model, names, x, y, "classification", structure, "ggn")
         assert_close(fitted(model, x, y, structure, "ggn"), expected, RTOL)
+    assert len(shifted) == 3 * 4  # the diagonal fit's first convolution: every part
 
 
 def test_natural_gradient_statistics_in_parts(parts: list[int]):
@@ -195,3 +233,22 @@ def test_uneven_parts_count_each_batch_once(parts: list[int], monkeypatch: pytes
     got = fitted(model, x, y, "kron", "ggn")
     assert parts == [1, 1, 1, 1, 1, 1, 1, 1, 3, 1]
     assert_close(got, expected, RTOL)
+
+
+def test_one_part_alive_at_a_time(parts: list[int], monkeypatch: pytest.MonkeyPatch):
+    """While a part is added, the previous part's output gradients are gone (a single-pass
+    fit keeps no part): a batch holds one part's gradients, not all of them."""
+    model, x, y = conv_problem()
+    previous: list[weakref.ref] = []
+    alive_before_add: list[bool] = []
+    accumulate = BlockDiagonal.accumulate_
+
+    def spy(self, segments, **kw):  # type: ignore[no-untyped-def]
+        alive_before_add.extend(ref_() is not None for ref_ in previous)
+        previous.clear()
+        previous.extend(weakref.ref(s.grads) for segs in segments.values() for s in segs)
+        return accumulate(self, segments, **kw)
+
+    monkeypatch.setattr(BlockDiagonal, "accumulate_", spy)
+    fitted(model, x, y, "kron", "ggn")
+    assert len(parts) == 12 and alive_before_add and not any(alive_before_add)

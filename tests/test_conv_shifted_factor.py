@@ -193,6 +193,6 @@ def test_fit_through_the_shifted_route_equals_the_reference(
     got = la.posterior_precision.to_dense().detach()
     assert_close(got, expected, 1e-10)
     # the three stride-1 convolutions went through the shifted factor in all three batches
-    # (a diagonal fit needs the patches, not the factor)
+    # (a diagonal fit needs no factor: it goes through the shifted diagonal)
     # (once per batch: the call that sizes the accumulators keeps its factor for the first)
     assert len(calls) == (9 if structure == "kron" else 0)

@@ -13,7 +13,7 @@ saw into segments (:mod:`laplacefim.curvature.segments`). Structures read the se
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -72,19 +72,18 @@ class BatchRows:
     """What one batch gave: per-parameter segments and the likelihood's bookkeeping.
 
     Attributes:
-        segments: Per chosen parameter (by name), its segments in flat order; a parameter
-            whose modules did not run in the batch is absent. They cover the first part
-            of the backpropagated columns (all of them unless ``later`` has more).
+        first: The first part's segments (all of them unless ``later`` has more), until
+            :meth:`each_part` hands it on; read it through :attr:`segments`.
         outputs: Detached model outputs ``(B, C)``.
         loss_stats: The likelihood's summable loss statistic (None for Jacobian rows).
         n_data: Number of data in the batch (a 0-d tensor for token-level targets).
         bad_outputs: 0-d bool tensor, True if an output was NaN or infinite.
         bad_targets: 0-d bool tensor, True if a target value was out of range.
         later: The segments of the other parts of the columns (see ``PART_BYTES``), each
-            backpropagated when the iterator reaches it; use :meth:`parts`.
+            backpropagated when the iterator reaches it; use :meth:`each_part`.
     """
 
-    segments: SegmentMap
+    first: list[SegmentMap]
     outputs: Tensor
     loss_stats: Tensor | None = None
     n_data: int | Tensor = 0
@@ -92,12 +91,26 @@ class BatchRows:
     bad_targets: Tensor | None = None
     later: Iterator[SegmentMap] = field(default_factory=lambda: iter(()))
 
-    def parts(self) -> Iterator[tuple[SegmentMap, bool]]:
-        """Every part's segments, with whether it is the first: the batch's inputs are
-        counted with the first part only (``Block.statistics(..., inputs=False)``)."""
-        yield self.segments, True
-        for segments in self.later:
-            yield segments, False
+    @property
+    def segments(self) -> SegmentMap:
+        """Per chosen parameter (by name), its segments in flat order, of the first part of
+        the columns; a parameter whose modules did not run in the batch is absent."""
+        if not self.first:
+            raise RuntimeError("the batch's segments were handed on by each_part already.")
+        return self.first[0]
+
+    def each_part(self, add: Callable[[SegmentMap, bool], object]) -> None:
+        """Call ``add(segments, first)`` on every part of the columns in turn, ``first``
+        True for the first part only (the batch's inputs are counted with it: see
+        ``Block.statistics(..., inputs=False)``). Only the part being added is held: the
+        previous one is released before the next part's backward pass."""
+        part: SegmentMap | None = self.segments
+        self.first.clear()
+        first = True
+        while part is not None:
+            add(part, first)
+            part = None
+            part, first = next(self.later, None), False
 
 
 def _ancestors(name: str) -> list[str]:
@@ -236,7 +249,7 @@ class CurvatureEngine:
             segments = next(later)
         loss_stats = self.likelihood.loss_stats(f2, targets.values).to(self.dtype)
         return BatchRows(
-            segments,
+            [segments],
             f2,
             loss_stats,
             targets.count,
@@ -270,7 +283,7 @@ class CurvatureEngine:
             columns = eye[:, None, :].expand(n_out, f2.shape[0], n_out)
             self.backward(f, columns.reshape(n_out, *f2.shape), calls)
             segments = self.segments(calls)
-        return BatchRows(segments, f2)
+        return BatchRows([segments], f2)
 
     def output_segments(
         self, calls: dict[str, list[Call]], curvature: OutputCurvature | None
@@ -342,6 +355,9 @@ class CurvatureEngine:
         keep the graph for another part of the columns)."""
         n_columns = cols.shape[0]
         grad_outputs = cols.reshape(n_columns, *f.shape).to(f.dtype)
+        for cs in calls.values():  # the previous part's gradients go before this part's come
+            for call in cs:
+                call.grads = []
         if (
             self._fast
         ):  # the watched call produced the model's output: its gradients are the columns

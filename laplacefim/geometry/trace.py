@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ from laplacefim.inputs import ModelIO
 from laplacefim.layout import Layout
 from laplacefim.likelihoods import LikelihoodModel
 from laplacefim.options import CurvatureKind, parse_option
-from laplacefim.structures.base import gather
+from laplacefim.structures.base import SegmentMap, gather
 from laplacefim.subsets import Selection, SubsetSpec
 
 if TYPE_CHECKING:
@@ -69,10 +69,7 @@ def ggn_diagonal(op: CurvatureOperator) -> Tensor:
         for x, y in op.batches():
             rows = engine.batch(x, y, None)
             flags.append(rows.bad_targets)
-            for segments, _ in rows.parts():
-                found = gather(segments, names, sizes, lambda s: s.diag())
-                if found is not None:
-                    total += found
+            rows.each_part(lambda segments, _: _add_diagonal(total, segments, names, sizes))
     if not flags:
         raise ValueError("the loader yielded no batch; the trace needs at least one.")
     if bool(torch.stack(flags).any()):  # type: ignore[arg-type]
@@ -81,6 +78,14 @@ def ggn_diagonal(op: CurvatureOperator) -> Tensor:
             f"{op.likelihood.expected_targets}."
         )
     return total
+
+
+def _add_diagonal(
+    total: Tensor, segments: SegmentMap, names: Sequence[str], sizes: Sequence[int]
+) -> None:
+    found = gather(segments, names, sizes, lambda s: s.diag())
+    if found is not None:
+        total += found
 
 
 def hutchinson(

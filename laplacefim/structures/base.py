@@ -218,7 +218,8 @@ class StructureSpec(Protocol):
 
 def add_statistics(block: Block, segments: SegmentMap, *, inputs: bool = True) -> None:
     """Add a batch's :meth:`Block.statistics` to the block's state in place (None: none)."""
-    found = block.statistics(segments, inputs=inputs)
+    # the keyword only for later parts: a block written before it existed keeps working
+    found = block.statistics(segments) if inputs else block.statistics(segments, inputs=False)
     for total, part in zip(block.state(), found, strict=True):
         if part is not None:
             total.add_(part.to(total.dtype))
@@ -306,7 +307,7 @@ class BlockDiagonal:
                 if own is None:
                     add_statistics(block, segments, inputs=inputs)
                 else:
-                    own(segments, inputs=inputs)
+                    own(segments) if inputs else own(segments, inputs=False)
         return self
 
     def scale_(self, factor: float) -> BlockDiagonal:

@@ -76,7 +76,11 @@ class KronBlock:
         """The batch's ``[first, second, count]`` (the input factor and count None where
         ``inputs`` is False)."""
         segment = self.segment(segments)
-        factors = None if segment is None else segment.kron(self.approx, inputs=inputs)
+        factors = None
+        if segment is not None:  # the keyword only for later parts (older segments lack it)
+            factors = (
+                segment.kron(self.approx) if inputs else segment.kron(self.approx, inputs=False)
+            )
         return zeros_like(self.state()) if factors is None else factors
 
     def state(self) -> list[Tensor]:
@@ -88,7 +92,12 @@ class KronBlock:
         there (a convolution's input factor: no fresh factor per batch)."""
         segment = self.segment(segments)
         into = getattr(segment, "kron_into", None)
-        if into is None or not into(self.approx, self.state(), inputs=inputs):
+        done = into is not None and (
+            into(self.approx, self.state())
+            if inputs
+            else into(self.approx, self.state(), inputs=False)
+        )
+        if not done:
             add_statistics(self, segments, inputs=inputs)
 
     def end_pass(self) -> None:

@@ -159,11 +159,15 @@ def gram_of(u: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("vbp,wbp->bvw", u * weights, u)
 
 
-def footprint(segments: Mapping[str, list[Segment]]) -> int:
-    """Bytes held by the tensors of a batch's segments (shared tensors counted once)."""
-    seen: dict[int, int] = {}
+def footprint(segments: Mapping[str, list[Segment]], counted: set[int] | None = None) -> int:
+    """Bytes held by the tensors of a batch's segments (shared tensors counted once, and
+    none whose id is in ``counted``, which gains the ids counted here)."""
+    counted = set() if counted is None else counted
+    total = 0
     for segs in segments.values():
         for segment in segs:
             for tensor in segment.tensors():
-                seen[id(tensor)] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
+                if id(tensor) not in counted:
+                    counted.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+    return total

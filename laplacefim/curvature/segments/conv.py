@@ -16,6 +16,7 @@ patch copy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,21 @@ def shifted_gram(x: Tensor, geometry: Geometry, into: Tensor | None = None) -> T
     return into
 
 
+@functools.lru_cache(maxsize=256)
+def _missed_mask(
+    geometry: Geometry,
+    size: tuple[int, int],
+    order: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """``(k, R)``: 1 where offset ``i`` misses border rectangle ``order[r]``. Cached: a
+    tensor made from a Python list is a host-to-device copy (a sync on CUDA) per call."""
+    _, missed = geometry.border(size)
+    rows = [[float(m[r]) for r in order] for m in missed]
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
 @dataclass
 class _Border:
     """The border rectangles of :meth:`Geometry.border` over a batch laid out flat, grouped
@@ -229,7 +245,7 @@ class _Border:
         flat: Tensor,
     ) -> _Border | None:
         """None where no offset misses a pixel."""
-        rectangles, missed = geometry.border(size)
+        rectangles, _ = geometry.border(size)
         if not rectangles:
             return None
         grid = torch.arange(frame[0] * frame[1] * frame[2], device=flat.device).view(frame)
@@ -237,11 +253,11 @@ class _Border:
         groups: dict[int, list[int]] = {}
         for r, pixels in enumerate(found):
             groups.setdefault(pixels.numel(), []).append(r)
-        order = [r for members in groups.values() for r in members]
+        order = tuple(r for members in groups.values() for r in members)
         positions = [torch.stack([found[r] for r in members]) for members in groups.values()]
         values = [flat[p] for p in positions]
-        rows = [[float(m[r]) for r in order] for m in missed]
-        return cls(positions, values, torch.tensor(rows, dtype=flat.dtype, device=flat.device))
+        mask = _missed_mask(geometry, size, order, flat.dtype, flat.device)
+        return cls(positions, values, mask)
 
     def corrections(self, flat: Tensor, step: int) -> Tensor:
         """Per offset, ``Σ x_u x_{u+step}ᵀ`` over the border pixels it misses: ``(k, C, C)``."""
