@@ -109,7 +109,7 @@ class BatchRows:
         first = True
         while part is not None:
             add(part, first)
-            part = None
+            part = None  # released before next() runs the next part's backward
             part, first = next(self.later, None), False
 
 
