@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from laplacefim.curvature.segments import Samples, Segment
 from laplacefim.options import CurvatureKind, KfacApprox
 
 SegmentMap = Mapping[str, list[Segment]]
+T = TypeVar("T")
 
 
 class Precision(Protocol):
@@ -216,10 +217,16 @@ class StructureSpec(Protocol):
         ...
 
 
+def for_part(method: Callable[..., T], *args: Any, inputs: bool) -> T:
+    """``method(*args)`` for a batch's first (or only) column part, ``method(*args,
+    inputs=False)`` for a later one: the keyword is passed only where it matters, so a block
+    or segment written before it existed keeps working where the columns fit one part."""
+    return method(*args) if inputs else method(*args, inputs=False)
+
+
 def add_statistics(block: Block, segments: SegmentMap, *, inputs: bool = True) -> None:
     """Add a batch's :meth:`Block.statistics` to the block's state in place (None: none)."""
-    # the keyword only for later parts: a block written before it existed keeps working
-    found = block.statistics(segments) if inputs else block.statistics(segments, inputs=False)
+    found = for_part(block.statistics, segments, inputs=inputs)
     for total, part in zip(block.state(), found, strict=True):
         if part is not None:
             total.add_(part.to(total.dtype))
@@ -307,7 +314,7 @@ class BlockDiagonal:
                 if own is None:
                     add_statistics(block, segments, inputs=inputs)
                 else:
-                    own(segments) if inputs else own(segments, inputs=False)
+                    for_part(own, segments, inputs=inputs)
         return self
 
     def scale_(self, factor: float) -> BlockDiagonal:

@@ -19,7 +19,14 @@ from torch import Tensor
 
 from laplacefim.curvature.segments import Segment
 from laplacefim.options import CurvatureKind, KfacApprox
-from laplacefim.structures.base import Block, Plan, SegmentMap, add_statistics, zeros_like
+from laplacefim.structures.base import (
+    Block,
+    Plan,
+    SegmentMap,
+    add_statistics,
+    for_part,
+    zeros_like,
+)
 from laplacefim.structures.diag import diag_block
 from laplacefim.structures.eigen import EigenDecomposition, KronBasis, symmetric_eigh
 
@@ -76,11 +83,7 @@ class KronBlock:
         """The batch's ``[first, second, count]`` (the input factor and count None where
         ``inputs`` is False)."""
         segment = self.segment(segments)
-        factors = None
-        if segment is not None:  # the keyword only for later parts (older segments lack it)
-            factors = (
-                segment.kron(self.approx) if inputs else segment.kron(self.approx, inputs=False)
-            )
+        factors = None if segment is None else for_part(segment.kron, self.approx, inputs=inputs)
         return zeros_like(self.state()) if factors is None else factors
 
     def state(self) -> list[Tensor]:
@@ -92,12 +95,7 @@ class KronBlock:
         there (a convolution's input factor: no fresh factor per batch)."""
         segment = self.segment(segments)
         into = getattr(segment, "kron_into", None)
-        done = into is not None and (
-            into(self.approx, self.state())
-            if inputs
-            else into(self.approx, self.state(), inputs=False)
-        )
-        if not done:
+        if into is None or not for_part(into, self.approx, self.state(), inputs=inputs):
             add_statistics(self, segments, inputs=inputs)
 
     def end_pass(self) -> None:
