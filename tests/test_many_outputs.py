@@ -67,6 +67,18 @@ def _check_same(segment, formed, n_out: int, d_in: int, seed: int) -> None:
         segment.kron(KfacApprox.EXPAND), formed.kron(KfacApprox.EXPAND), strict=True
     ):
         assert_close(ours, theirs, RTOL)
+    into = getattr(segment, "kron_into", None)
+    if into is not None:  # in place into running totals, twice (a second batch, then a part)
+        factors = formed.kron(KfacApprox.EXPAND)
+        totals = [torch.full_like(t, 0.5) for t in factors]
+        if into(KfacApprox.EXPAND, totals):
+            assert into(KfacApprox.EXPAND, totals)
+            assert into(KfacApprox.EXPAND, totals, inputs=False)
+            output = 0 if factors[0].shape[0] == n_out else 1
+            for i, (total, factor) in enumerate(zip(totals, factors, strict=True)):
+                assert_close(total, 0.5 + (3 if i == output else 2) * factor, RTOL)
+        else:
+            assert segment.inputs is None  # only a bias declines
     assert_close(segment.gram(weights), formed.gram(weights), RTOL)
     assert_close(segment.gram_diagonal(weights), formed.gram(weights).diagonal(0, 1, 2), RTOL)
     assert_close(segment.dots(vectors), formed.dots(vectors), RTOL)
