@@ -83,3 +83,53 @@ def test_symmetric_gram_equals_the_full_product(d, monkeypatch):
     symmetric_gram(more, total)
     expected = cols @ cols.T + more @ more.T
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kron_into_running_totals_equals_explicit_row_sums(approx, transposed):
+    """``Product.kron_into`` adds the factors of two batches (the second in two column
+    parts) to running totals; the oracle sums ``g gᵀ`` and ``a aᵀ`` row by row (reduce:
+    per datum, gradients summed and inputs averaged over the positions)."""
+    from laplacefim.options import KfacApprox
+
+    kind = KfacApprox(approx)
+    n_cols, positions, d_out, d_in = 3, 4, 2, 5
+    g = generator(7 + transposed)
+    batches = [
+        (
+            torch.randn(batch, positions, d_in, generator=g, dtype=DTYPE),
+            torch.randn(n_cols, batch, positions, d_out, generator=g, dtype=DTYPE),
+        )
+        for batch in (3, 6)
+    ]
+    first = torch.zeros(d_out, d_out, dtype=DTYPE)
+    second = torch.zeros(d_in, d_in, dtype=DTYPE)
+    count = torch.zeros((), dtype=DTYPE)
+    totals = [second, first, count] if transposed else [first, second, count]
+    expected_g = torch.zeros(d_out, d_out, dtype=DTYPE)
+    expected_a = torch.zeros(d_in, d_in, dtype=DTYPE)
+    rows = 0
+    for index, (inputs, grads) in enumerate(batches):
+        parts = [grads] if index == 0 else [grads[:1], grads[1:]]
+        for number, part in enumerate(parts):
+            assert Product(inputs, part, transposed).kron_into(kind, totals, inputs=number == 0)
+        gs = grads.sum(2, keepdim=True) if approx == "reduce" else grads
+        a_rows = inputs.mean(1, keepdim=True) if approx == "reduce" else inputs
+        for row in gs.reshape(-1, d_out):
+            expected_g += torch.outer(row, row)
+        for row in a_rows.reshape(-1, d_in):
+            expected_a += torch.outer(row, row)
+        rows += a_rows.shape[0] * a_rows.shape[1]
+    assert_close(first, expected_g, rtol=1e-12)
+    assert_close(second, expected_a, rtol=1e-12)
+    assert float(count) == rows
+    # a bias, inputs shared with another segment, and a float32 total are declined, untouched
+    inputs, grads = batches[0]
+    before = [t.clone() for t in totals]
+    assert not Product(None, grads).kron_into(kind, totals)
+    assert not Product(inputs, grads, transposed, sole_inputs=False).kron_into(kind, totals)
+    narrow = [t.float() for t in totals]
+    assert not Product(inputs, grads, transposed).kron_into(kind, narrow)
+    for total, kept in zip(totals, before, strict=True):
+        assert torch.equal(total, kept)

@@ -167,9 +167,9 @@ def _one_call(module: nn.MultiheadAttention, call: Call) -> dict[str, list[Produ
     shared: dict[object, Tensor] = {}  # factors shared by the call's products
     q_in, k_in, v_in = attention.query, attention.key, attention.value
     products = {
-        "q": Product(q_in, g_q, False, shared),
-        "k": Product(k_in, g_k, False, shared),
-        "v": Product(v_in, g_v, False, shared),
+        "q": Product(q_in, g_q, False, shared, sole_inputs=False),
+        "k": Product(k_in, g_k, False, shared, sole_inputs=False),
+        "v": Product(v_in, g_v, False, shared, sole_inputs=False),
     }
     rows: dict[str, list[Product]] = {
         "in_proj_weight": [products["q"], products["k"], products["v"]],

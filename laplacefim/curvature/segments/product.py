@@ -76,12 +76,15 @@ class Product(ProductShape):
             tensor: a weight and its bias have the same output factor ``G``, the query, key
             and value projections of self-attention the same input factor ``A``; each is
             formed once.
+        sole_inputs: No other segment in ``shared`` has these inputs, so the input factor
+            may be formed straight into a running total (:meth:`kron_into`).
     """
 
     inputs: Tensor | None
     grads: Tensor
     transposed: bool = False
     shared: dict[object, Tensor] = field(default_factory=dict, compare=False, repr=False)
+    sole_inputs: bool = True
 
     @property
     def d_in(self) -> int:
@@ -91,7 +94,8 @@ class Product(ProductShape):
     def to(self, dtype: torch.dtype, memo: dict[int, Tensor]) -> Product:
         """Cast to ``dtype``."""
         inputs = None if self.inputs is None else cast(self.inputs, dtype, memo)
-        return Product(inputs, cast(self.grads, dtype, memo), self.transposed, self.shared)
+        grads = cast(self.grads, dtype, memo)
+        return Product(inputs, grads, self.transposed, self.shared, self.sole_inputs)
 
     def _a(self) -> Tensor:
         if self.inputs is not None:
@@ -149,11 +153,7 @@ class Product(ProductShape):
         gradients and averages the inputs over the positions of each datum first.
         """
         reduce = approx is KfacApprox.REDUCE and self.positions > 1
-        g_key = ("G", id(self.grads), reduce)
-        if g_key not in self.shared:
-            g = self.grads.sum(2, keepdim=True) if reduce else self.grads
-            self.shared[g_key] = _row_gram(g)
-        first: Tensor | None = self.shared[g_key]
+        first: Tensor | None = self._output_factor(reduce)
         second = count = None
         if inputs:
             a_key = ("A", id(self.inputs), reduce)
@@ -164,6 +164,35 @@ class Product(ProductShape):
             rows = self.batch * (1 if reduce else self.positions)
             count = self.grads.new_full((), float(rows))  # a fill kernel, no host copy
         return [second, first, count] if self.transposed else [first, second, count]
+
+    def _output_factor(self, reduce: bool) -> Tensor:
+        """``G``, shared with the layer's bias."""
+        key = ("G", id(self.grads), reduce)
+        if key not in self.shared:
+            g = self.grads.sum(2, keepdim=True) if reduce else self.grads
+            self.shared[key] = _row_gram(g)
+        return self.shared[key]
+
+    def kron_into(self, approx: KfacApprox, totals: list[Tensor], *, inputs: bool = True) -> bool:
+        """Add :meth:`kron` to running totals ``[first, second, count]`` in place, the input
+        factor multiplied straight into its total (a fresh ``d × d`` per batch and its add
+        cost as much as the product where rows are few); False (nothing added) for a bias,
+        inputs another segment shares (their factor is formed once, in ``shared``), or
+        totals of another dtype."""
+        a_total, g_total = (totals[0], totals[1]) if self.transposed else (totals[1], totals[0])
+        if (
+            self.inputs is None
+            or not self.sole_inputs
+            or a_total.ndim != 2
+            or a_total.dtype != self.inputs.dtype
+        ):
+            return False
+        reduce = approx is KfacApprox.REDUCE and self.positions > 1
+        g_total.add_(self._output_factor(reduce))
+        if inputs:
+            _row_gram(self.inputs.mean(1, keepdim=True) if reduce else self.inputs, a_total)
+            totals[2].add_(self.batch * (1 if reduce else self.positions))
+        return True
 
     def rotated(
         self, first: Tensor | None, second: Tensor | None, rotate: Rotate = matmul
