@@ -39,6 +39,18 @@ class DiagBlock:
         found = gather(segments, self.names, self.sizes, lambda s: s.diag())
         return [torch.zeros_like(self.diag) if found is None else found]
 
+    def accumulate_(self, segments: SegmentMap, *, inputs: bool = True) -> None:
+        """Add the batch's ``Σ_{v,b} u²`` to the entries in place, a segment at a time (no
+        concatenation per parameter and per block)."""
+        start = 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            offset = start
+            for segment in segments.get(name) or ():
+                part = segment.diag()
+                self.diag[offset : offset + part.shape[-1]].add_(part)
+                offset += part.shape[-1]
+            start += size
+
     def covered(self, segments: SegmentMap) -> list[Segment] | None:
         """Every segment of the block's parameters."""
         return whole(segments, self.names, self.sizes)

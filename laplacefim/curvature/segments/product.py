@@ -117,11 +117,14 @@ class Product(ProductShape):
     def diag(self) -> Tensor:
         """Exact diagonal: one GEMM for ``T = 1``, per-sample chunks otherwise."""
         g = self.grads
-        if self.inputs is None:
-            return g.sum(2).square().sum((0, 1))
-        a = self.inputs
         if self.positions == 1:
-            return self._flat(g[:, :, 0].square().sum(0).T @ a[:, 0].square())
+            squares = _sum_columns(g[:, :, 0].square())  # (B, d_out)
+            if self.inputs is None:
+                return squares.sum(0)
+            return self._flat(squares.T @ self.inputs[:, 0].square())
+        if self.inputs is None:
+            return _sum_columns(g.sum(2).square()).sum(0)
+        a = self.inputs
         total = a.new_zeros(self.n_columns * self.d_out, self.d_in)
         for part in self._per_sample_chunks():
             total += part.square_().sum(0)
@@ -263,6 +266,13 @@ class Product(ProductShape):
     def tensors(self) -> list[Tensor]:
         """The tensors the segment holds."""
         return [self.grads] if self.inputs is None else [self.inputs, self.grads]
+
+
+def _sum_columns(x: Tensor) -> Tensor:
+    """``Σ_v x_v`` over the leading columns dimension; a single column is taken as it is (on
+    CPU a reduction over a dimension of size 1 costs as much as a real one, 0.2 ms for a
+    ``(1, 128, 256)`` tensor here)."""
+    return x[0] if x.shape[0] == 1 else x.sum(0)
 
 
 def _row_gram(x: Tensor, into: Tensor | None = None) -> Tensor:
