@@ -17,7 +17,7 @@ from torch import Tensor
 from laplacefim.curvature.segments import Product, Segment
 from laplacefim.curvature.segments.outputs import CurvatureProduct
 from laplacefim.options import CurvatureKind
-from laplacefim.structures.base import Block, Plan, SegmentMap, gather, whole
+from laplacefim.structures.base import Block, Plan, SegmentMap, add_statistics, gather, whole
 from laplacefim.structures.eigen import DenseBasis, EigenDecomposition, symmetric_eigh
 
 
@@ -159,8 +159,17 @@ class LinearPairsBlock:
             jac = jac.reshape(-1, jac.shape[-1])
             return [self.pairs_from_dense(jac.T @ jac)]
         a, weights = rows
-        left = (weights[:, :, None] * a[:, None, :]).reshape(a.shape[0], -1)
-        return [(left.T @ a).reshape(-1, self.d_aug, self.d_aug)]
+        return [(_weighted(a, weights).T @ a).reshape(-1, self.d_aug, self.d_aug)]
+
+    def accumulate_(self, segments: SegmentMap, *, inputs: bool = True) -> None:
+        """Add the batch's pairs to the state in place: the GEMM writes into it (a fresh
+        ``(pairs, d_aug, d_aug)`` tensor per batch and its add cost a fifth of the fit)."""
+        rows = self._rows(segments)
+        if rows is None or rows[0].dtype != self.pairs.dtype:
+            add_statistics(self, segments, inputs=inputs)
+            return
+        a, weights = rows
+        self.pairs.view(-1, self.d_aug).addmm_(_weighted(a, weights).T, a)
 
     def covered(self, segments: SegmentMap) -> list[Segment] | None:
         """The weight's and bias's segments."""
@@ -233,6 +242,11 @@ class LinearPairsBlock:
         return cls(
             tuple(spec["names"]), tensors[0], spec["d_out"], spec["weight"], spec["bias"], False
         )
+
+
+def _weighted(a: Tensor, weights: Tensor) -> Tensor:
+    """``(B, pairs·d_aug)``: each datum's ``ã`` scaled by each of its pair weights."""
+    return (weights[:, :, None] * a[:, None, :]).reshape(a.shape[0], -1)
 
 
 def _one_position(segment: Segment) -> bool:
