@@ -24,6 +24,11 @@ with contextlib.suppress(Exception):
     tqdm.tqdm.set_lock(threading.RLock())
 
 for _name in (
+    # torch imports sympy lazily, through torch.fx.experimental.symbolic_shapes, the first
+    # time autograd.grad is given grad_outputs or torch.func runs (~45 MB): charged to
+    # whichever fit does it first in a process, it is import, not fit memory (memory.py
+    # preloads it for the same reason).
+    "torch.fx.experimental.symbolic_shapes",
     "laplace",
     "laplace.curvature",
     "curvlinops",
