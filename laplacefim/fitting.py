@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from laplacefim import distributed
 from laplacefim.config import CurvatureConfig, FitState
 from laplacefim.curvature import CurvatureEngine
-from laplacefim.curvature.segments.base import footprint
+from laplacefim.curvature.segments.base import drop_scratch, footprint
 from laplacefim.inputs import to_device
 from laplacefim.layout import Layout
 from laplacefim.structures import BlockDiagonal, Plan
@@ -194,6 +194,7 @@ def _add(sums: _Sums, budget_mb: float, segments: SegmentMap, first: bool) -> No
     if sums.cache_bytes > budget_mb * 2**20:
         sums.cache = None  # too big: later passes run the model again
     else:
+        drop_scratch(segments)
         sums.cache.append((segments, first))
 
 
@@ -206,6 +207,7 @@ def _next_pass(
     if sums.cache is not None:  # replay the first pass's inputs and output gradients
         for segments, first in sums.cache:
             sums.curvature.accumulate_(segments, inputs=first)
+            drop_scratch(segments)  # what this pass formed, e.g. a rotation's columns
         return
     device = model_device(sums.engine.model)
     for index, batch in enumerate(bar):

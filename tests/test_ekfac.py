@@ -224,6 +224,45 @@ def test_convolutions_called_twice_over_many_batches(approx, cache_mb):
     assert_max_close(la.curvature.to_dense(), _oracle_ekfac(la, ggn), RTOL)
 
 
+def _scratch(kept: list) -> list:
+    """The non-empty per-batch scratch dicts of kept segments."""
+    return [
+        s.shared
+        for segments, _ in kept
+        for ss in segments.values()
+        for s in ss
+        if getattr(s, "shared", None)
+    ]
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_replayed_batches_keep_no_scratch(monkeypatch, subset):
+    """The batches kept for the second pass hold only their counted tensors: the per-batch
+    scratch (input factors, a head's columns) is emptied, once after the first pass's
+    accumulation and again after the replay, and formed again where needed; the
+    eigenvalues stay the exact GGN's in the basis."""
+    from laplacefim import fitting
+
+    kept: list = []
+    replay = fitting._next_pass
+
+    def spy(sums, *args, **kwargs):
+        assert sums.cache
+        kept.extend(sums.cache)
+        assert not _scratch(kept)
+        replay(sums, *args, **kwargs)
+
+    monkeypatch.setattr(fitting, "_next_pass", spy)
+    model, x, y = _problem("cnn", "classification")
+    la = _fit(model, x, y, "classification", subset=subset, pass_cache_mb=256.0)
+    assert kept
+    assert not _scratch(kept)
+    last = subset == "last_layer"
+    names = ref.last_linear_names(model, x) if last else ref.trainable_names(model)
+    ggn = ref.dense_ggn(model, names, x, "classification")
+    assert_max_close(la.curvature.to_dense(), _oracle_ekfac(la, ggn), RTOL)
+
+
 # --------------------------------------------------------------------------------------
 # 2. never further from the exact GGN than KFAC
 # --------------------------------------------------------------------------------------

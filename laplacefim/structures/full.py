@@ -163,7 +163,7 @@ class LinearPairsBlock:
 
     def accumulate_(self, segments: SegmentMap, *, inputs: bool = True) -> None:
         """Add the batch's pairs to the state in place: the GEMM writes into it (a fresh
-        ``(pairs, d_aug, d_aug)`` tensor per batch and its add cost a fifth of the fit)."""
+        ``(pairs, d_aug, d_aug)`` tensor per batch and its add cost a tenth of the fit)."""
         rows = self._rows(segments)
         if rows is None or rows[0].dtype != self.pairs.dtype:
             add_statistics(self, segments, inputs=inputs)

@@ -159,6 +159,18 @@ def gram_of(u: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("vbp,wbp->bvw", u * weights, u)
 
 
+def drop_scratch(segments: Mapping[str, list[Segment]]) -> None:
+    """Empty the per-batch scratch (``shared``: factors and columns formed once for a
+    layer's segments) of segments kept after their batch: every entry is formed again on
+    demand, and a kept batch would otherwise hold, say, a 2,048-wide head's 16 MB input
+    factor that :func:`footprint` does not count."""
+    for segs in segments.values():
+        for segment in segs:
+            scratch = getattr(segment, "shared", None)
+            if isinstance(scratch, dict):
+                scratch.clear()
+
+
 def footprint(segments: Mapping[str, list[Segment]], counted: set[int] | None = None) -> int:
     """Bytes held by the tensors of a batch's segments (shared tensors counted once, and
     none whose id is in ``counted``, which gains the ids counted here)."""
